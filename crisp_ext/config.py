@@ -1,0 +1,291 @@
+"""The picker's configuration: one dataclass tree, saved next to every model and output.
+
+Load with :func:`load_config` (TOML, YAML or JSON; unknown keys are an error naming the key), save with
+:func:`save_config` (TOML). Sizes are in *original* pixels or Å as the user gives them; the working scale is derived
+(see :mod:`crisp_ext.preprocess`). ``PickerConfig.paper()`` is the published CRISP recipe for GPUs.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, get_type_hints
+
+
+@dataclass
+class ParticleConfig:
+    """Particle size. Give ``diameter_A`` (needs a pixel size) or ``diameter_px`` (original pixels)."""
+
+    diameter_A: float | None = None
+    diameter_px: float | None = None
+
+
+@dataclass
+class PreprocessConfig:
+    target_diameter_px: float = 24.0  # particle diameter at the working scale
+    binning: str = "fourier"  # fourier | mean (integer area average)
+    normalise: str = "robust"  # robust | gmm | none
+    highpass_A: float | None = None  # optional: remove gradients longer than this (Å); None = off
+    pixel_size: float | None = None  # override the MRC header's pixel size (Å/px)
+
+
+@dataclass
+class LabelConfig:
+    kind: str = "disk"  # disk | reprojection
+    disk_fraction: float = 1.0  # label disk diameter as a fraction of the particle diameter
+    # Curated sets are incomplete: pixels farther than ``ignore_far`` diameters from any pick are weighted by
+    # ``background_weight`` (1 = plain labels). ``ignore_band`` (in diameters) around each disk is not scored.
+    ignore_band: float = 0.0
+    background_weight: float = 1.0
+    ignore_far: float | None = None
+    threshold: str = "li"  # reprojection: li | otsu | yen | triangle | mean | fraction
+    threshold_fraction: float = 0.1  # used when threshold == "fraction"
+
+
+@dataclass
+class ModelConfig:
+    arch: str = "unetplusplus"  # unetplusplus | unet | fpn | deeplabv3 | deeplabv3plus | linknet | pspnet | manet
+    encoder: str = "efficientnet-b0"
+    encoder_weights: str | None = None  # None (no downloads) | imagenet | a path to a weights file
+    encoder_depth: int = 5
+    decoder_channels: list[int] = field(default_factory=lambda: [256, 128, 64, 32, 16])
+
+
+@dataclass
+class TrainConfig:
+    epochs: int = 50
+    patch_size: int = 256  # working pixels
+    patches_per_micrograph: int = 4  # per epoch, as in the paper
+    batch_size: int = 8
+    lr: float = 1e-3
+    weight_decay: float = 0.0
+    loss: str = "dice"  # dice | jaccard | lovasz | tversky | bce | focal, or a sum such as "dice+bce"
+    augment: bool = True  # flips, 90° rotations, intensity jitter
+    early_stop_patience: int = 10
+    n_train: int = 16  # training micrographs chosen from those with picks
+    n_val: int = 6  # validation micrographs (early stopping, finder choice)
+    seed: int = 0
+    device: str = "auto"  # auto | cpu | cuda | cuda:N
+    threads: int | None = None  # CPU threads; None = all cores
+    bf16: bool = True  # bf16 autocast on CPU / CUDA where supported
+    channels_last: bool = True
+
+
+@dataclass
+class CRFConfig:
+    kind: str = "none"  # none | standard (intensity guide) | cd (CNN features guide)
+    solver: str = "fw"  # mf (mean field) | fw (regularised Frank-Wolfe)
+    iterations: int = 5
+    theta_alpha: float = 8.0  # appearance kernel, positional std (working px)
+    theta_beta: float = 0.5  # appearance kernel, feature std (features are normalised)
+    theta_gamma: float = 1.5  # smoothness kernel, positional std (working px)
+    spatial_weight: float = 1.0
+    bilateral_weight: float = 1.0
+    fw_lambda: float = 1.0
+    fw_stepsize: float = 1.0
+    x0_weight: float = 0.5  # output mixes this fraction of the CNN's probabilities (paper: 0.5)
+    finetune_epochs: int = 10
+    lr_cnn: float = 1e-5
+    lr_crf: float = 1e-3
+    feature_channels: int = 4  # cd: decoder features projected to this many channels
+
+
+@dataclass
+class PredictConfig:
+    tile: int = 512  # working pixels
+    overlap: int = 64
+    batch_size: int = 4
+    save_maps: bool = False  # write probability maps as MRC next to the picks
+    workers: int = 1  # DataLoader workers reading and preprocessing the next micrographs
+
+
+@dataclass
+class CentreConfig:
+    finder: str = "auto"  # auto | nms | trackpy | morphology
+    params: dict[str, float] = field(default_factory=dict)  # finder hyperparameters; empty = defaults / chosen
+    threshold: float | None = None  # score threshold; None = chosen on validation micrographs
+    threshold_objective: str = "f1"  # f1 | recall | precision | fbeta:<beta>
+    match_radius: float = 0.5  # matching distance, as a fraction of the diameter
+    edge: str = "drop"  # drop picks whose box would leave the micrograph | keep (clipped inside)
+    box_fraction: float = 1.0  # box size used for the edge rule, in diameters
+    min_distance: float = 0.5  # de-duplication distance, in diameters
+
+
+@dataclass
+class PickerConfig:
+    particle: ParticleConfig = field(default_factory=ParticleConfig)
+    preprocess: PreprocessConfig = field(default_factory=PreprocessConfig)
+    labels: LabelConfig = field(default_factory=LabelConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    crf: CRFConfig = field(default_factory=CRFConfig)
+    predict: PredictConfig = field(default_factory=PredictConfig)
+    centres: CentreConfig = field(default_factory=CentreConfig)
+
+    @classmethod
+    def paper(cls) -> "PickerConfig":
+        """The published CRISP recipe (GPU): U-Net++ / EfficientNet-b5, 512² patches, Dice, Adam 1e-3, one-cycle,
+        50 epochs, CD-CRF with Frank-Wolfe, at a scale where the particle is large (≈ 108 px on EMPIAR-10017)."""
+        cfg = cls()
+        cfg.model = ModelConfig(arch="unetplusplus", encoder="timm-efficientnet-b5")
+        cfg.train = TrainConfig(epochs=50, patch_size=512, patches_per_micrograph=4, batch_size=8, lr=1e-3,
+                                loss="dice", augment=False, early_stop_patience=20, bf16=False)
+        cfg.preprocess = PreprocessConfig(target_diameter_px=108.0, normalise="gmm")
+        cfg.crf = CRFConfig(kind="cd", solver="fw", theta_alpha=160.0, theta_beta=0.05, theta_gamma=3.0,
+                            finetune_epochs=50)
+        cfg.predict = PredictConfig(tile=512, overlap=64)
+        return cfg
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> "PickerConfig":
+        return _from_dict(cls, data, "")
+
+    def updated(self, overrides: dict[str, Any]) -> "PickerConfig":
+        """A copy with dotted-key overrides applied, e.g. ``{"train.epochs": 5}``; values are type-checked."""
+        data = self.to_dict()
+        for key, value in overrides.items():
+            node = data
+            parts = key.split(".")
+            for p in parts[:-1]:
+                if not isinstance(node, dict) or p not in node:
+                    raise KeyError(f"unknown config key {key!r}")
+                node = node[p]
+            if not isinstance(node, dict) or parts[-1] not in node:
+                raise KeyError(f"unknown config key {key!r}")
+            node[parts[-1]] = value
+        return PickerConfig.from_dict(data)
+
+
+def _from_dict(cls, data: dict[str, Any], prefix: str):
+    if not isinstance(data, dict):
+        raise ValueError(f"config section {prefix or '<root>'!r} must be a table, got {type(data).__name__}")
+    hints = get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = set(data) - names
+    if unknown:
+        raise ValueError(f"unknown config key {prefix + sorted(unknown)[0]!r}")
+    kwargs = {}
+    for f in dataclasses.fields(cls):
+        if f.name not in data:
+            continue
+        value = data[f.name]
+        hint = hints[f.name]
+        if dataclasses.is_dataclass(hint):
+            kwargs[f.name] = _from_dict(hint, value, f"{prefix}{f.name}.")
+        else:
+            kwargs[f.name] = _coerce(value, hint, f"{prefix}{f.name}")
+    return cls(**kwargs)
+
+
+def _coerce(value, hint, key: str):
+    text = str(hint)
+    optional = "None" in text
+    if value is None or (isinstance(value, str) and value.lower() in ("none", "null") and optional):
+        if optional:
+            return None
+        raise ValueError(f"config key {key!r} may not be empty")
+    try:
+        if hint is bool:
+            if isinstance(value, str):
+                if value.lower() in ("1", "true", "yes", "on"):
+                    return True
+                if value.lower() in ("0", "false", "no", "off"):
+                    return False
+                raise ValueError
+            return bool(value)
+        if hint is int or text in ("int | None", "typing.Optional[int]"):
+            if isinstance(value, float) and not value.is_integer():
+                raise ValueError
+            return int(value)
+        if hint is float or text in ("float | None", "typing.Optional[float]"):
+            return float(value)
+        if hint is str or text in ("str | None", "typing.Optional[str]"):
+            return str(value)
+        if text.startswith("list[int]"):
+            if isinstance(value, str):
+                value = [v for v in value.replace(",", " ").split()]
+            return [int(v) for v in value]
+        if text.startswith("dict"):
+            if isinstance(value, str):
+                value = json.loads(value)
+            return {str(k): v for k, v in dict(value).items()}
+    except (TypeError, ValueError):
+        raise ValueError(f"config key {key!r}: cannot use {value!r} (expected {text})") from None
+    return value
+
+
+def load_config(path: str | Path) -> PickerConfig:
+    """Read a config from TOML (.toml), YAML (.yaml/.yml) or JSON (.json). Missing keys take defaults."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"config file {path} not found")
+    text = path.read_text()
+    suffix = path.suffix.lower()
+    try:
+        if suffix == ".toml":
+            try:
+                import tomllib
+            except ModuleNotFoundError:  # Python 3.10
+                import tomli as tomllib
+            data = tomllib.loads(text)
+        elif suffix in (".yaml", ".yml"):
+            import yaml
+
+            data = yaml.safe_load(text) or {}
+        elif suffix == ".json":
+            data = json.loads(text)
+        else:
+            raise ValueError(f"{path}: unknown config format {suffix!r} (use .toml, .yaml or .json)")
+    except ValueError:
+        raise
+    except Exception as exc:  # parse errors of the three libraries
+        raise ValueError(f"{path}: cannot parse config: {exc}") from None
+    try:
+        return PickerConfig.from_dict(data)
+    except ValueError as exc:
+        raise ValueError(f"{path}: {exc}") from None
+
+
+def config_to_toml(cfg: PickerConfig) -> str:
+    """Serialise to TOML (None values are written as commented-out keys, since TOML has no null)."""
+    lines = ["# crisp-ext picker configuration", ""]
+    for section, values in cfg.to_dict().items():
+        lines.append(f"[{section}]")
+        for key, value in values.items():
+            if value is None:
+                lines.append(f"# {key} = (unset)")
+            elif isinstance(value, dict):
+                inner = ", ".join(f"{_toml_key(k)} = {_toml_value(v)}" for k, v in value.items())
+                lines.append(f"{key} = {{{inner}}}" if value else f"{key} = {{}}")
+            else:
+                lines.append(f"{key} = {_toml_value(value)}")
+        lines.append("")
+    return "\n".join(lines)
+
+
+def _toml_key(key: str) -> str:
+    return key if key.replace("_", "").replace("-", "").isalnum() else json.dumps(key)
+
+
+def _toml_value(value) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, (int, float)):
+        return repr(value) if not (isinstance(value, float) and value != value) else "nan"
+    if isinstance(value, str):
+        return json.dumps(value)
+    if isinstance(value, (list, tuple)):
+        return "[" + ", ".join(_toml_value(v) for v in value) + "]"
+    raise TypeError(f"cannot write {value!r} to TOML")
+
+
+def save_config(cfg: PickerConfig, path: str | Path) -> Path:
+    """Write the config as TOML, atomically."""
+    from .io.atomic import atomic_write_text
+
+    return atomic_write_text(Path(path), config_to_toml(cfg))

@@ -1,0 +1,1 @@
+"""cryoSPARC adapter for crisp-ext: live External jobs through cryosparc-tools, and offline project directories."""

@@ -1,0 +1,1 @@
+"""RELION External-job adapter for crisp-ext (``crisp-relion``)."""

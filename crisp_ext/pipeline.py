@@ -26,16 +26,9 @@ from typing import Callable, Sequence
 import numpy as np
 
 from .config import PickerConfig
+from .errors import Aborted, InputError  # noqa: F401  (re-exported for adapters)
 from .progress import ProgressCallback
 from .types import Micrograph, Particles
-
-
-class Aborted(RuntimeError):
-    """The caller asked the pipeline to stop (e.g. RELION_JOB_ABORT_NOW)."""
-
-
-class InputError(ValueError):
-    """Bad input the user must fix; the message is one line naming the file/value and what to do."""
 
 
 @dataclass(frozen=True)

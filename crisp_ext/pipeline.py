@@ -9,9 +9,14 @@ Contract (adapters rely on it):
 - ``model_dir``: an existing model directory to load instead of training; when None, the model is trained and
   saved under ``work_dir / "model"``. A model directory is self-describing (weights, config, scale, finder choice).
 - ``reference``: a 3D mask (+ pixel size) for labels by reprojection when the particles carry poses.
+- ``train_ids`` / ``val_ids``: the micrographs to train and validate on (default: chosen at random, seeded, among
+  those with picks, up to ``train.n_train`` + ``train.n_val``).
+- ``on_ready(picker)``: called once the picker is trained or loaded (its ``threshold`` is then known).
 - ``skip(micrograph) -> bool``: micrographs already done (resume / RELION continue); they are not picked again.
 - ``on_picked(micrograph, picks)``: called as soon as one micrograph is picked, so the caller can write its
   output file at once (atomic writes, resumable jobs).
+- ``map_path(micrograph) -> Path``: where to write the probability map (MRC, working scale) when
+  ``predict.save_maps`` is on; default ``work_dir/maps/<name>_probability.mrc``.
 - ``should_abort() -> bool``: polled between micrographs and epochs; raises :class:`Aborted` when true.
 - ``progress``: one callback (see :mod:`crisp_ext.progress`).
 The returned picks carry scores (the finder's score; higher is better) in original pixels of each micrograph.
@@ -19,6 +24,8 @@ The returned picks carry scores (the finder's score; higher is better) in origin
 
 from __future__ import annotations
 
+import json
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Sequence
@@ -26,9 +33,13 @@ from typing import Callable, Sequence
 import numpy as np
 
 from .config import PickerConfig
-from .errors import Aborted, InputError  # noqa: F401  (re-exported for adapters)
-from .progress import ProgressCallback
-from .types import Micrograph, Particles
+from .errors import Aborted, InputError
+from .preprocess import WorkingImage, diameter_in_pixels, load_working
+from .progress import ProgressCallback, ProgressEvent, silent
+from .types import Micrograph, Particles, micrographs_by_id
+
+__all__ = ["run", "prepare_picker", "pick", "Picker", "PipelineResult", "ReferenceMask", "Aborted", "InputError",
+           "choose_split", "MicrographLoader"]
 
 
 @dataclass(frozen=True)
@@ -51,6 +62,354 @@ class PipelineResult:
     timings: dict[str, float] = field(default_factory=dict)  # stage -> seconds
     validation: dict = field(default_factory=dict)  # metrics on validation micrographs (when trained)
     score_range: tuple[float, float] = (0.0, 1.0)  # the range the finder's scores live in
+    plots: list[Path] = field(default_factory=list)  # PNGs written by this run
+    skipped: list[str] = field(default_factory=list)  # micrograph ids skipped (already done)
+
+
+# -- sizes ----------------------------------------------------------------------------------------------------------
+
+def micrograph_pixel_size(mic: Micrograph, cfg: PickerConfig) -> float | None:
+    """The pixel size to use: config override, the record's, or the MRC header's."""
+    if cfg.preprocess.pixel_size:
+        return float(cfg.preprocess.pixel_size)
+    if mic.pixel_size:
+        return float(mic.pixel_size)
+    from .io.mrc import read_info
+
+    return read_info(mic.path).pixel_size
+
+
+def micrograph_diameter(mic: Micrograph, cfg: PickerConfig) -> float:
+    """Particle diameter in original pixels of this micrograph."""
+    ps = None if cfg.particle.diameter_px else micrograph_pixel_size(mic, cfg)
+    return diameter_in_pixels(cfg.particle.diameter_A, cfg.particle.diameter_px, ps, where=str(mic.path))
+
+
+class MicrographLoader:
+    """Reads one micrograph and brings it to the working scale (a picklable callable for DataLoader workers)."""
+
+    def __init__(self, cfg: PickerConfig):
+        self.cfg = cfg
+
+    def __call__(self, mic: Micrograph) -> WorkingImage:
+        ps = micrograph_pixel_size(mic, self.cfg) if self.cfg.particle.diameter_A else (
+            self.cfg.preprocess.pixel_size or mic.pixel_size)
+        diameter = diameter_in_pixels(self.cfg.particle.diameter_A, self.cfg.particle.diameter_px, ps,
+                                      where=str(mic.path))
+        return load_working(mic.path, diameter, self.cfg.preprocess, pixel_size=ps)
+
+
+# -- input checks ---------------------------------------------------------------------------------------------------
+
+def _check_inputs(micrographs: Sequence[Micrograph], particles: Particles | None, model_dir: Path | None):
+    if not micrographs:
+        raise InputError("no micrographs given; nothing to pick")
+    by_id = micrographs_by_id(micrographs)
+    if particles is not None and len(particles):
+        unknown = [m for m in particles.micrograph_ids() if m not in by_id]
+        if unknown:
+            raise InputError(
+                f"picks refer to micrograph {unknown[0]!r}, which is not among the {len(by_id)} micrographs given "
+                f"({len(unknown)} such micrograph(s)); check that coordinate files match micrograph names")
+        bad = ~(np.isfinite(particles.x) & np.isfinite(particles.y))
+        if bad.any():
+            raise InputError(f"pick {int(np.argmax(bad))} on micrograph {particles.micrograph[bad][0]!r} has a "
+                             f"non-finite coordinate")
+    if model_dir is None and (particles is None or len(particles) == 0):
+        raise InputError("no picks given to train on: give curated particle coordinates, or a trained model "
+                         "directory to pick with")
+    return by_id
+
+
+def choose_split(ids_with_picks: Sequence[str], n_train: int, n_val: int, seed: int,
+                 train_ids: Sequence[str] | None = None, val_ids: Sequence[str] | None = None
+                 ) -> tuple[list[str], list[str]]:
+    """Training and validation micrographs among those with picks (explicit lists win).
+
+    With one micrograph it serves both roles; otherwise at least one goes to validation and about a quarter at most.
+    """
+    ids = list(ids_with_picks)
+    if train_ids is not None or val_ids is not None:
+        missing = [m for m in list(train_ids or []) + list(val_ids or []) if m not in ids]
+        if missing:
+            raise InputError(f"micrograph {missing[0]!r} was chosen for training/validation but has no picks")
+        train = list(train_ids) if train_ids is not None else [m for m in ids if m not in set(val_ids or [])]
+        val = list(val_ids) if val_ids is not None else []
+        if not val:
+            rest = [m for m in ids if m not in set(train)]
+            val = rest[: max(1, n_val)] if rest else train[:1]
+        return train[: max(1, len(train))], val
+    if len(ids) == 1:
+        return ids, ids
+    order = [ids[i] for i in np.random.default_rng(seed).permutation(len(ids))]
+    n_v = int(min(n_val, max(1, len(ids) // 4)))
+    n_t = int(min(n_train, len(ids) - n_v))
+    return order[n_v:n_v + n_t], order[:n_v]
+
+
+# -- training -------------------------------------------------------------------------------------------------------
+
+def _footprints(parts: Particles, reference: ReferenceMask, working_pixel_size: float, scale, cfg: PickerConfig):
+    """Binary footprints of the reference mask at each particle's pose, at the working pixel size."""
+    from . import reprojection as rp
+
+    volume = reference.volume
+    if not reference.is_mask:
+        volume = rp.mask_from_map(volume)
+    size = int(np.ceil(max(volume.shape) * reference.pixel_size / working_pixel_size)) | 1
+    shifts = None  # centres already have the origin offsets applied: project centred
+    projections = rp.project(volume, parts.angles, shifts, size, map_pixel_size=reference.pixel_size,
+                             out_pixel_size=working_pixel_size)
+    return list(rp.threshold(projections, cfg.labels.threshold, cfg.labels.threshold_fraction))
+
+
+def _prepare(mic: Micrograph, parts: Particles, cfg: PickerConfig, loader: MicrographLoader,
+             reference: ReferenceMask | None):
+    from .labels import make_labels
+    from .train import LabeledImage
+
+    wi = loader(mic)
+    centres = wi.scale.to_working(parts.xy)
+    diameter_w = wi.scale.length_to_working(micrograph_diameter(mic, cfg))
+    footprints = None
+    if cfg.labels.kind == "reprojection":
+        if reference is None or not parts.has_poses:
+            raise InputError("labels.kind = reprojection needs a 3D mask/map and particles with angles; "
+                             "give them or use disk labels")
+        ps = wi.pixel_size or micrograph_pixel_size(mic, cfg)
+        footprints = _footprints(parts, reference, ps / wi.scale.factor, wi.scale, cfg)
+    labels = make_labels(wi.image.shape, centres, diameter_w, cfg.labels, footprints=footprints)
+    return LabeledImage(image=wi.image, labels=labels, name=mic.name, truth_xy=centres), wi
+
+
+def _train(micrographs, by_id, particles: Particles, cfg: PickerConfig, work_dir: Path, reference, train_ids,
+           val_ids, progress, should_abort, timings):
+    from .centres.select import select_finder
+    from .metrics import picking_metrics
+    from .model_dir import save_model_dir
+    from .predict import predict_map
+    from .train import train_model
+
+    ids_with_picks = [m for m in particles.micrograph_ids() if m in by_id]
+    train, val = choose_split(ids_with_picks, cfg.train.n_train, cfg.train.n_val, cfg.train.seed, train_ids, val_ids)
+    progress(ProgressEvent("prepare", message=f"training on {len(train)} micrograph(s), validating on {len(val)}; "
+                                              f"{len(particles)} picks on {len(ids_with_picks)} micrograph(s)"))
+    if cfg.labels.kind == "auto":
+        use_rep = reference is not None and particles.has_poses
+        cfg = cfg.updated({"labels.kind": "reprojection" if use_rep else "disk"})
+    loader = MicrographLoader(cfg)
+    t0 = time.perf_counter()
+    groups = particles.by_micrograph()
+    prepared: dict[str, tuple] = {}
+    for i, mid in enumerate(dict.fromkeys(train + val)):
+        prepared[mid] = _prepare(by_id[mid], groups[mid], cfg, loader, reference)
+        progress(ProgressEvent("prepare", i + 1, len(set(train + val)), f"labels for {by_id[mid].name}"))
+        if should_abort():
+            raise Aborted("aborted while preparing training data")
+    timings["prepare"] = time.perf_counter() - t0
+
+    t0 = time.perf_counter()
+    model_dir = work_dir / "model"
+    result = train_model([prepared[m][0] for m in train], [prepared[m][0] for m in val], cfg, model_dir / "training",
+                         progress=progress, should_abort=should_abort)
+    timings["train"] = time.perf_counter() - t0
+
+    # Centre finder and threshold, chosen on the *predicted* maps of the validation micrographs.
+    t0 = time.perf_counter()
+    progress(ProgressEvent("select", message="choosing the centre finder on the validation micrographs"))
+    val_maps, val_truth, val_diam = [], [], []
+    for mid in val:
+        item = prepared[mid][0]
+        val_maps.append(predict_map(result.model, item.image, cfg.predict))
+        val_truth.append(item.truth_xy)
+        val_diam.append(prepared[mid][1].scale.length_to_working(micrograph_diameter(by_id[mid], cfg)))
+    diameter_w = float(np.median(val_diam))
+    finders = ("nms", "trackpy", "morphology") if cfg.centres.finder == "auto" else (cfg.centres.finder,)
+    selection = select_finder(val_maps, val_truth, diameter_w, finders=finders,
+                              match_radius_px=cfg.centres.match_radius * diameter_w,
+                              objective=cfg.centres.threshold_objective,
+                              params=cfg.centres.params or None)
+    threshold = cfg.centres.threshold if cfg.centres.threshold is not None else selection.threshold
+    from .centres.base import find_centres
+
+    preds, scores = [], []
+    for prob in val_maps:
+        cs = find_centres(prob, diameter_w, selection.finder, selection.params).above(threshold)
+        preds.append(cs.xy)
+        scores.append(cs.score)
+    vm = picking_metrics(preds, scores, val_truth, cfg.centres.match_radius * diameter_w)
+    timings["select"] = time.perf_counter() - t0
+    validation = {"micrographs": [by_id[m].name for m in val], "picking": vm.as_dict(),
+                  "best_epoch": result.best_epoch, "best_metric": result.best_metric,
+                  "train_micrographs": [by_id[m].name for m in train]}
+    progress(ProgressEvent("select", message=f"finder {selection.finder} {selection.params}, threshold "
+                                             f"{threshold:.3g}: validation precision {vm.precision:.3f} recall "
+                                             f"{vm.recall:.3f} F1 {vm.f1:.3f}"))
+    diameters_px = [micrograph_diameter(by_id[m], cfg) for m in train]
+    pixel_sizes = [prepared[m][1].pixel_size for m in train if prepared[m][1].pixel_size]
+    info = {
+        "diameter_px": float(np.median(diameters_px)),
+        "diameter_A": cfg.particle.diameter_A,
+        "pixel_size": float(np.median(pixel_sizes)) if pixel_sizes else None,
+        "working_diameter_px": cfg.preprocess.target_diameter_px,
+        "labels": cfg.labels.kind,
+        "crf": cfg.crf.kind,
+        "selection": selection.to_dict(),
+        "threshold": float(threshold),
+        "validation": validation,
+    }
+    save_model_dir(model_dir, result.model, cfg, info)
+    return result.model, cfg, info, model_dir, validation
+
+
+# -- picking --------------------------------------------------------------------------------------------------------
+
+def _edge_filter(xy: np.ndarray, shape: tuple[int, int], box: float, mode: str) -> np.ndarray:
+    """Indices of picks to keep: inside the micrograph, and (``drop``) whose box stays inside too."""
+    ny, nx = shape
+    inside = (xy[:, 0] >= 0) & (xy[:, 0] < nx) & (xy[:, 1] >= 0) & (xy[:, 1] < ny)
+    if mode == "drop":
+        h = box / 2.0
+        inside &= (xy[:, 0] - h >= 0) & (xy[:, 0] + h <= nx) & (xy[:, 1] - h >= 0) & (xy[:, 1] + h <= ny)
+    elif mode != "keep":
+        raise InputError(f"centres.edge must be 'drop' or 'keep', not {mode!r}")
+    return np.nonzero(inside)[0]
+
+
+def pick_micrograph(prob: np.ndarray, wi: WorkingImage, mic: Micrograph, diameter_px: float, cfg: PickerConfig,
+                    finder: str, params: dict, threshold: float) -> Particles:
+    """Centres of one probability map, in original pixels, filtered by threshold, edge rule and de-duplication."""
+    from .centres.base import find_centres
+    from .centres.postprocess import deduplicate
+
+    diameter_w = wi.scale.length_to_working(diameter_px)
+    cs = find_centres(prob, diameter_w, finder, params).above(threshold)
+    keep = deduplicate(cs.xy, cs.score, cfg.centres.min_distance * diameter_w)
+    xy = wi.scale.to_original(cs.xy[keep])
+    score = cs.score[keep]
+    ny, nx = wi.scale.original_shape
+    if cfg.centres.edge == "keep":  # pulled strictly inside: RELION's Extract dies on a centre outside
+        xy[:, 0] = np.clip(xy[:, 0], 0.0, np.nextafter(nx - 1.0, -np.inf) if nx > 1 else 0.0)
+        xy[:, 1] = np.clip(xy[:, 1], 0.0, np.nextafter(ny - 1.0, -np.inf) if ny > 1 else 0.0)
+    idx = _edge_filter(xy, (ny, nx), cfg.centres.box_fraction * diameter_px, cfg.centres.edge)
+    order = idx[np.argsort(-score[idx], kind="stable")]
+    return Particles.for_one(mic.id, xy[order], score[order])
+
+
+@dataclass
+class Picker:
+    """A trained (or loaded) picker, ready to pick: the model, its config, and the centre finder choice."""
+
+    model: object  # torch.nn.Module in eval mode
+    config: PickerConfig
+    model_dir: Path
+    finder: str
+    params: dict
+    threshold: float
+    info: dict = field(default_factory=dict)
+    validation: dict = field(default_factory=dict)
+    timings: dict = field(default_factory=dict)
+
+
+def prepare_picker(
+    micrographs: Sequence[Micrograph],
+    config: PickerConfig,
+    *,
+    work_dir: Path,
+    particles: Particles | None = None,
+    model_dir: Path | None = None,
+    reference: ReferenceMask | None = None,
+    train_ids: Sequence[str] | None = None,
+    val_ids: Sequence[str] | None = None,
+    should_abort: Callable[[], bool] | None = None,
+    progress: ProgressCallback | None = None,
+) -> Picker:
+    """Train a picker on ``particles`` (saved to ``work_dir/model``), or load ``model_dir``."""
+    from .model_dir import load_model_dir
+
+    progress = progress or silent
+    should_abort = should_abort or (lambda: False)
+    work_dir = Path(work_dir)
+    work_dir.mkdir(parents=True, exist_ok=True)
+    micrographs = list(micrographs)
+    by_id = _check_inputs(micrographs, particles, model_dir)
+    timings: dict[str, float] = {}
+    validation: dict = {}
+    if model_dir is not None:
+        loaded = load_model_dir(model_dir)
+        model, info = loaded.model, loaded.info
+        cfg = _picking_config(loaded.config, config, info)
+        model_dir = Path(model_dir)
+        progress(ProgressEvent("prepare", message=f"loaded model {model_dir} ({cfg.model.arch} / "
+                                                  f"{cfg.model.encoder})"))
+    else:
+        model, cfg, info, model_dir, validation = _train(micrographs, by_id, particles, config, work_dir, reference,
+                                                         train_ids, val_ids, progress, should_abort, timings)
+    selection = info.get("selection", {})
+    finder = cfg.centres.finder if cfg.centres.finder != "auto" else selection.get("finder", "nms")
+    params = dict(cfg.centres.params) if cfg.centres.params else dict(selection.get("params", {}))
+    threshold = float(cfg.centres.threshold if cfg.centres.threshold is not None else info.get("threshold", 0.5))
+    return Picker(model=model, config=cfg, model_dir=Path(model_dir), finder=finder, params=params,
+                  threshold=threshold, info=info, validation=validation or info.get("validation", {}),
+                  timings=timings)
+
+
+def pick(
+    picker: Picker,
+    micrographs: Sequence[Micrograph],
+    *,
+    work_dir: Path,
+    skip: Callable[[Micrograph], bool] | None = None,
+    on_picked: Callable[[Micrograph, Particles], None] | None = None,
+    map_path: Callable[[Micrograph], Path] | None = None,
+    should_abort: Callable[[], bool] | None = None,
+    progress: ProgressCallback | None = None,
+) -> PipelineResult:
+    """Pick every micrograph not skipped with a prepared picker."""
+    from .predict import predict_many
+
+    progress = progress or silent
+    should_abort = should_abort or (lambda: False)
+    work_dir = Path(work_dir)
+    cfg = picker.config
+    micrographs = list(micrographs)
+    micrographs_by_id(micrographs)
+    timings = dict(picker.timings)
+    todo = [m for m in micrographs if not (skip and skip(m))]
+    skipped = [m.id for m in micrographs if skip and skip(m)]
+    if skipped:
+        progress(ProgressEvent("pick", message=f"{len(skipped)} micrograph(s) already done, skipped"))
+    t0 = time.perf_counter()
+    all_picks: list[Particles] = []
+    counts: dict[str, int] = {}
+    plots: list[Path] = []
+    loader = MicrographLoader(cfg)
+    for i, (mic, wi, prob) in enumerate(predict_many(picker.model, todo, loader, cfg.predict)):
+        diameter = micrograph_diameter(mic, cfg)
+        picks = pick_micrograph(prob, wi, mic, diameter, cfg, picker.finder, picker.params, picker.threshold)
+        if cfg.predict.save_maps:
+            from .io.mrc import write_mrc
+
+            target = map_path(mic) if map_path else work_dir / "maps" / f"{mic.name}_probability.mrc"
+            write_mrc(target, prob.astype(np.float32),
+                      pixel_size=(wi.pixel_size / wi.scale.factor) if wi.pixel_size else None)
+        if len(plots) < 3:
+            plots.append(_overlay(work_dir, mic, wi, picks, diameter))
+        if on_picked:
+            on_picked(mic, picks)
+        all_picks.append(picks)
+        counts[mic.id] = len(picks)
+        progress(ProgressEvent("pick", i + 1, len(todo), f"{mic.name}: {len(picks)} picks"))
+        if should_abort():
+            raise Aborted(f"aborted after {i + 1} of {len(todo)} micrographs")
+    timings["pick"] = time.perf_counter() - t0
+    picks = Particles.concat(all_picks) if all_picks else Particles.empty(with_score=True)
+    if len(picks):
+        plots.append(_score_histogram(work_dir, picks.score, picker.threshold))
+    progress(ProgressEvent("done", message=f"{len(picks)} particles on {len(counts)} micrograph(s)"))
+    return PipelineResult(picks=picks, model_dir=picker.model_dir, finder=picker.finder,
+                          finder_params=picker.params, threshold=picker.threshold, counts=counts, timings=timings,
+                          validation=picker.validation, score_range=(0.0, 1.0), plots=plots, skipped=skipped)
 
 
 def run(
@@ -61,10 +420,76 @@ def run(
     particles: Particles | None = None,
     model_dir: Path | None = None,
     reference: ReferenceMask | None = None,
+    train_ids: Sequence[str] | None = None,
+    val_ids: Sequence[str] | None = None,
     skip: Callable[[Micrograph], bool] | None = None,
+    on_ready: Callable[[Picker], None] | None = None,
     on_picked: Callable[[Micrograph, Particles], None] | None = None,
+    map_path: Callable[[Micrograph], Path] | None = None,
     should_abort: Callable[[], bool] | None = None,
     progress: ProgressCallback | None = None,
 ) -> PipelineResult:
-    """Train (or load) a picker and pick every micrograph. See the module docstring for the contract."""
-    raise NotImplementedError("the pipeline lands with issue 6")
+    """Train (or load) a picker and pick every micrograph: :func:`prepare_picker` then :func:`pick`.
+    ``on_ready(picker)`` is called in between (e.g. to learn the threshold for figure-of-merit conversion)."""
+    t0 = time.perf_counter()
+    picker = prepare_picker(micrographs, config, work_dir=work_dir, particles=particles, model_dir=model_dir,
+                            reference=reference, train_ids=train_ids, val_ids=val_ids, should_abort=should_abort,
+                            progress=progress)
+    if on_ready:
+        on_ready(picker)
+    result = pick(picker, micrographs, work_dir=work_dir, skip=skip, on_picked=on_picked, map_path=map_path,
+                  should_abort=should_abort, progress=progress)
+    result.timings["total"] = time.perf_counter() - t0
+    return result
+
+
+def _picking_config(saved: PickerConfig, given: PickerConfig, info: dict) -> PickerConfig:
+    """The config to pick with a loaded model: the model's scale, labels, architecture and CRF; the caller's
+    prediction settings, centre-finding overrides and particle size (when given)."""
+    cfg = PickerConfig.from_dict(saved.to_dict())
+    cfg.predict = given.predict
+    cfg.centres = given.centres if (given.centres.finder != "auto" or given.centres.params
+                                    or given.centres.threshold is not None) else saved.centres
+    cfg.centres.edge, cfg.centres.box_fraction = given.centres.edge, given.centres.box_fraction
+    cfg.train.device, cfg.train.threads = given.train.device, given.train.threads
+    if given.particle.diameter_A or given.particle.diameter_px:
+        cfg.particle = given.particle
+    elif not (cfg.particle.diameter_A or cfg.particle.diameter_px):
+        cfg.particle.diameter_px = info.get("diameter_px")
+    if given.preprocess.pixel_size:
+        cfg.preprocess.pixel_size = given.preprocess.pixel_size
+    return cfg
+
+
+def _overlay(work_dir: Path, mic: Micrograph, wi: WorkingImage, picks: Particles, diameter_px: float) -> Path:
+    from .plots import plot_overlay
+
+    path = work_dir / "plots" / f"picks_{mic.name}.png"
+    plot_overlay(wi.image, wi.scale.to_working(picks.xy), path, diameter_px=wi.scale.length_to_working(diameter_px),
+                 title=f"{mic.name}: {len(picks)} picks")
+    return path
+
+
+def _score_histogram(work_dir: Path, scores: np.ndarray, threshold: float) -> Path:
+    from .plots import plot_histogram
+
+    path = work_dir / "plots" / "score_histogram.png"
+    plot_histogram(scores, path, title="pick scores", xlabel="score", threshold=threshold)
+    return path
+
+
+def summary_dict(result: PipelineResult, micrographs: Sequence[Micrograph]) -> dict:
+    """A JSON-able summary of a run (counts per micrograph, timings, finder choice)."""
+    names = {m.id: m.name for m in micrographs}
+    return {
+        "particles": int(len(result.picks)),
+        "micrographs_picked": len(result.counts),
+        "micrographs_skipped": len(result.skipped),
+        "counts": {names.get(k, k): v for k, v in result.counts.items()},
+        "finder": result.finder,
+        "finder_params": result.finder_params,
+        "threshold": result.threshold,
+        "model_dir": str(result.model_dir),
+        "timings_s": {k: round(v, 3) for k, v in result.timings.items()},
+        "validation": json.loads(json.dumps(result.validation, default=float)),
+    }

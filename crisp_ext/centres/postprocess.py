@@ -1,0 +1,101 @@
+"""After a finder: the edge rule, de-duplication, and the score threshold (:func:`pick_centres` does all three).
+
+Edge rule. A pick at (x, y) has the box ``[x − b/2, x + b/2] × [y − b/2, y + b/2]`` (``b`` = box size). With
+``edge="drop"`` a pick is kept only when ``b/2 <= x <= nx − b/2`` and the same for y: then a box of ``b`` pixels
+(even ``b``) centred on the rounded coordinate lies inside the micrograph, as RELION/cryoSPARC extraction needs.
+With ``edge="keep"`` every pick is kept, its coordinates clipped into ``[0, nx − 1] × [0, ny − 1]`` (strictly
+inside ``[0, nx) × [0, ny)``).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+from scipy.spatial import cKDTree
+
+from .base import CentreSet, get_finder
+
+EDGE_MODES = ("drop", "keep")
+
+
+def greedy_keep(score: np.ndarray, pairs: np.ndarray) -> np.ndarray:
+    """Indices kept by greedy suppression in score order (ties: lower index first): a pick is kept unless it is
+    in a conflict ``pairs`` (K, 2) with a pick already kept. Returned highest score first."""
+    n = len(score)
+    order = np.argsort(-score, kind="stable")
+    if n == 0 or len(pairs) == 0:
+        return order
+    rank = np.empty(n, dtype=np.int64)
+    rank[order] = np.arange(n)
+    a, b = pairs[:, 0], pairs[:, 1]
+    swap = rank[a] > rank[b]
+    strong = np.where(swap, b, a)
+    weak = np.where(swap, a, b)
+    srt = np.argsort(strong, kind="stable")
+    strong, weak = strong[srt], weak[srt]
+    starts = np.searchsorted(strong, np.arange(n + 1)).tolist()
+    weak_l = weak.tolist()
+    removed = np.zeros(n, dtype=bool)
+    kept = []
+    for i in order.tolist():
+        if removed[i]:
+            continue
+        kept.append(i)
+        for k in range(starts[i], starts[i + 1]):
+            removed[weak_l[k]] = True
+    return np.asarray(kept, dtype=np.int64)
+
+
+def apply_edge(picks: CentreSet, shape: tuple[int, int], box_px: float, edge: str = "drop") -> CentreSet:
+    """The edge rule (module docstring) for a micrograph of ``shape = (ny, nx)`` at the picks' scale."""
+    if edge not in EDGE_MODES:
+        raise ValueError(f"edge must be one of {', '.join(EDGE_MODES)}, got {edge!r}")
+    ny, nx = int(shape[0]), int(shape[1])
+    x, y = picks.xy[:, 0], picks.xy[:, 1]
+    if edge == "keep":
+        xy = np.stack([np.clip(x, 0, nx - 1), np.clip(y, 0, ny - 1)], axis=1)
+        return CentreSet(xy, picks.score)
+    if box_px < 0:
+        raise ValueError(f"edge box size must be >= 0 px, got {box_px}")
+    h = box_px / 2
+    inside = (x >= h) & (x <= nx - h) & (y >= h) & (y <= ny - h)
+    return picks.subset(inside)
+
+
+def deduplicate(xy: np.ndarray, score: np.ndarray, min_distance_px: float) -> np.ndarray:
+    """Indices of the picks kept when every pick closer than ``min_distance_px`` to a higher-scoring kept pick is
+    removed (equal scores: the earlier pick wins); highest score first."""
+    xy = np.asarray(xy, dtype=np.float64).reshape(-1, 2)
+    score = np.asarray(score, dtype=np.float64).reshape(-1)
+    if min_distance_px <= 0 or len(xy) < 2:
+        return np.argsort(-score, kind="stable")
+    pairs = cKDTree(xy).query_pairs(min_distance_px, output_type="ndarray")
+    if len(pairs):
+        d = np.linalg.norm(xy[pairs[:, 0]] - xy[pairs[:, 1]], axis=1)
+        pairs = pairs[d < min_distance_px]
+    return greedy_keep(score, pairs)
+
+
+def dedup(picks: CentreSet, min_distance_px: float) -> CentreSet:
+    """:func:`deduplicate` on a :class:`CentreSet` (result sorted by score)."""
+    return picks.subset(deduplicate(picks.xy, picks.score, min_distance_px))
+
+
+def postprocess(picks: CentreSet, shape: tuple[int, int], box_px: float, edge: str = "drop",
+                min_distance_px: float = 0.0) -> CentreSet:
+    """Edge rule, then de-duplication (a pick that the edge rule drops does not suppress a neighbour). Both commute
+    with a score threshold, so thresholding may come before or after."""
+    return dedup(apply_edge(picks, shape, box_px, edge), min_distance_px)
+
+
+def pick_centres(prob, diameter_px: float, finder: str, params: dict[str, Any] | None = None,
+                 threshold: float | None = None, edge: str = "drop", box_px: float | None = None,
+                 min_distance_px: float | None = None) -> CentreSet:
+    """Find, post-process and threshold the picks of one map: what the pipeline does per micrograph.
+
+    ``box_px`` defaults to the diameter, ``min_distance_px`` to half of it (``CentreConfig``'s defaults)."""
+    picks = get_finder(finder).find(prob, diameter_px, **(params or {}))
+    box = float(diameter_px) if box_px is None else float(box_px)
+    md = 0.5 * float(diameter_px) if min_distance_px is None else float(min_distance_px)
+    return postprocess(picks, np.shape(prob)[-2:], box, edge, md).above(threshold)

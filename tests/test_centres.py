@@ -98,6 +98,18 @@ def test_nms_scores_in_unit_range_and_torch_input_agrees(isolated):
     np.testing.assert_allclose(a.xy, b.xy, atol=1e-3)
 
 
+def test_nms_score_map_paths_agree(isolated):
+    from crisp_ext.centres.nms import _score_map
+
+    shape, xy = isolated
+    p = torch.from_numpy(_draw(xy, shape, "gauss", noise=0.05))
+    cpu = _score_map(p, D, 0.12, conv=False)  # scipy (CPU tensors)
+    conv = _score_map(p, D, 0.12, conv=True)  # conv2d (what GPU tensors use)
+    torch.testing.assert_close(cpu, conv, atol=1e-5, rtol=0)
+    flat = torch.ones(40, 40)
+    assert float(_score_map(flat, D, 0.12)[20, 20]) == pytest.approx(1.0, abs=1e-5)  # a full window scores 1
+
+
 def test_morphology_erosion_splits_touching_particles():
     xy = np.array([[40.0, 40.0], [40.0 + 0.9 * D, 40.0]])  # blobs of diameter 0.9 D joined by a 6 px neck
     prob = _draw(xy, (80, 100), "disk", radius=0.45 * D)
@@ -126,6 +138,15 @@ def test_bad_maps_are_refused(bad, msg):
     for name in ("nms", "trackpy", "morphology"):
         with pytest.raises(ValueError, match=msg):
             find_centres(bad, D, name)
+
+
+@pytest.mark.parametrize("name", ["nms", "trackpy", "morphology"])
+def test_particles_cut_by_the_border_are_found(name):
+    xy = np.array([[6.0, 50.0], [50.0, 93.0], [50.0, 50.0]])
+    prob = _draw(xy, (100, 100), "disk")
+    picks = find_centres(prob, D, name)
+    assert len(match_centres(picks.xy, xy, 3.0)[0]) == 3
+    assert len(apply_edge(picks, (100, 100), D, "drop")) == 1
 
 
 def test_empty_map_gives_no_picks():

@@ -61,9 +61,9 @@ def score_map(prob, diameter_px: float, sigma: float = 0.12) -> torch.Tensor:
     return _score_map(_as_tensor(prob), check_diameter(diameter_px), sigma)
 
 
-def _score_map(p: torch.Tensor, d: float, sigma: float) -> torch.Tensor:
+def _score_map(p: torch.Tensor, d: float, sigma: float, conv: bool | None = None) -> torch.Tensor:
     k = _kernel(d, sigma)
-    if p.device.type == "cpu":
+    if not (p.device.type != "cpu" if conv is None else conv):
         a = p.numpy()
         a = ndi.correlate1d(a, k.astype(np.float32), axis=1, mode="constant")
         a = ndi.correlate1d(a, k.astype(np.float32), axis=0, mode="constant")

@@ -1,0 +1,161 @@
+"""Tiled prediction of particle probability maps at the working scale.
+
+A micrograph is cut into overlapping square tiles (the last tile on each axis sits flush with the border; a
+micrograph smaller than a tile is reflect-padded to the network's size multiple). Each tile's probabilities are
+weighted by a separable window that rises smoothly (sin²) over the overlap and is strictly positive everywhere,
+summed, and divided by the summed weights, so every pixel gets a true weighted mean of the tiles that cover it: a
+constant map stays constant up to the image edge, where the original code faded out.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+from typing import Callable, Iterable, Iterator, TypeVar
+
+import numpy as np
+import torch
+import torch.nn as nn
+
+from .config import PredictConfig
+from .model import size_multiple
+from .preprocess import WorkingImage
+
+T = TypeVar("T")
+
+
+def tile_starts(length: int, tile: int, overlap: int) -> list[int]:
+    """Start offsets of tiles of ``tile`` px covering ``length`` px with at least ``overlap`` px overlap; the
+    first at 0, the last flush with the end, spread evenly."""
+    if tile >= length:
+        return [0]
+    step = max(1, tile - overlap)
+    n = int(math.ceil((length - tile) / step)) + 1
+    return [int(round(i * (length - tile) / (n - 1))) for i in range(n)]
+
+
+def blend_window(tile: int, overlap: int) -> np.ndarray:
+    """1D weights of a tile: sin² ramp over ``overlap`` px at both ends, 1 inside, strictly positive."""
+    w = np.ones(tile, dtype=np.float32)
+    ramp = min(int(overlap), tile // 2)
+    if ramp > 0:
+        i = np.arange(ramp, dtype=np.float64)
+        up = np.sin(0.5 * np.pi * (i + 0.5) / ramp) ** 2
+        w[:ramp] = up
+        w[tile - ramp:] = up[::-1]
+    return w
+
+
+def _round_up(n: int, m: int) -> int:
+    return int(math.ceil(n / m)) * m
+
+
+def model_device(model: nn.Module) -> torch.device:
+    p = next(model.parameters(), None)
+    return p.device if p is not None else torch.device("cpu")
+
+
+def autocast_context(device: torch.device, bf16: bool):
+    """bf16 autocast where it helps (CPU, CUDA with bf16 support), else a no-op context."""
+    if not bf16:
+        return contextlib.nullcontext()
+    if device.type == "cuda" and not torch.cuda.is_bf16_supported():
+        return contextlib.nullcontext()
+    if device.type not in ("cpu", "cuda"):
+        return contextlib.nullcontext()
+    return torch.autocast(device.type, dtype=torch.bfloat16)
+
+
+def predict_map(model: nn.Module, image: np.ndarray, cfg: PredictConfig, device: torch.device | None = None
+                ) -> np.ndarray:
+    """Probability map (float32 (H, W) in [0, 1]) of a normalised working-scale micrograph."""
+    image = np.asarray(image, dtype=np.float32)
+    if image.ndim != 2:
+        raise ValueError(f"predict_map expects a 2D image, got shape {image.shape}")
+    device = torch.device(device) if device is not None else model_device(model)
+    multiple = size_multiple(model)
+    h, w = image.shape
+    tile = _round_up(max(int(cfg.tile), multiple), multiple)
+    th = min(tile, _round_up(h, multiple))
+    tw = min(tile, _round_up(w, multiple))
+    hp, wp = max(h, th), max(w, tw)
+    padded = np.pad(image, ((0, hp - h), (0, wp - w)), mode="reflect") if (hp, wp) != (h, w) else image
+    overlap = max(0, int(cfg.overlap))
+    rows, cols = tile_starts(hp, th, overlap), tile_starts(wp, tw, overlap)
+    window = np.outer(blend_window(th, overlap if len(rows) > 1 else 0),
+                      blend_window(tw, overlap if len(cols) > 1 else 0)).astype(np.float32)
+    acc = np.zeros((hp, wp), dtype=np.float32)
+    norm = np.zeros((hp, wp), dtype=np.float32)
+    coords = [(r, c) for r in rows for c in cols]
+    batch = max(1, int(cfg.batch_size))
+    channels_last = bool(getattr(cfg, "channels_last", False))
+    if channels_last:
+        model.to(memory_format=torch.channels_last)
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.inference_mode(), autocast_context(device, bool(getattr(cfg, "bf16", False))):
+            for i in range(0, len(coords), batch):
+                chunk = coords[i:i + batch]
+                x = torch.from_numpy(np.stack([padded[r:r + th, c:c + tw] for r, c in chunk]))[:, None]
+                x = x.to(device)
+                if channels_last:
+                    x = x.contiguous(memory_format=torch.channels_last)
+                out = model(x)
+                prob = torch.sigmoid(out.float())[:, 0].cpu().numpy()
+                for (r, c), p in zip(chunk, prob):
+                    acc[r:r + th, c:c + tw] += p * window
+                    norm[r:r + th, c:c + tw] += window
+    finally:
+        model.train(was_training)
+    out = acc[:h, :w] / norm[:h, :w]
+    return np.clip(out, 0.0, 1.0, out=out)
+
+
+class _LoadAll(torch.utils.data.Dataset):
+    """Items loaded by index; a failure travels back as the exception object, raised in the caller unchanged."""
+
+    def __init__(self, items: list, load: Callable):
+        self.items = items
+        self.load = load
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def __getitem__(self, index: int):
+        try:
+            return index, self.load(self.items[index]), None
+        except Exception as exc:  # noqa: BLE001 - re-raised in the consumer
+            return index, None, exc
+
+
+def _as_is(x):
+    return x
+
+
+def predict_many(model: nn.Module, items: Iterable[T], load: Callable[[T], WorkingImage], cfg: PredictConfig,
+                 device: torch.device | None = None) -> Iterator[tuple[T, WorkingImage, np.ndarray]]:
+    """Predict each item in order, yielding ``(item, working_image, probability_map)``.
+
+    ``load(item)`` reads and preprocesses one micrograph; with ``cfg.workers > 0`` it runs in that many DataLoader
+    worker processes, ahead of the model (with the ``spawn`` start method ``load`` must be picklable). An
+    exception from ``load`` is raised here, unchanged, when its item's turn comes.
+    """
+    items = list(items)
+    device = torch.device(device) if device is not None else model_device(model)
+    dataset = _LoadAll(items, load)
+    workers = max(0, int(cfg.workers))
+    if workers == 0 or len(items) <= 1:
+        source: Iterable = (dataset[i] for i in range(len(items)))
+    else:
+        source = torch.utils.data.DataLoader(dataset, batch_size=None, shuffle=False, num_workers=min(workers,
+                                             len(items)), collate_fn=_as_is, prefetch_factor=2)
+    iterator = iter(source)
+    try:
+        for index, working, error in iterator:
+            if error is not None:
+                raise error
+            yield items[index], working, predict_map(model, working.image, cfg, device)
+    finally:
+        del iterator
+

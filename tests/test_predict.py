@@ -1,0 +1,106 @@
+import numpy as np
+import pytest
+import torch
+import torch.nn as nn
+
+from crisp_ext.config import PredictConfig
+from crisp_ext.errors import InputError
+from crisp_ext.predict import blend_window, predict_many, predict_map, tile_starts
+from crisp_ext.preprocess import Scale, WorkingImage
+
+
+class Constant(nn.Module):
+    """Stand-in network: the same logit everywhere."""
+
+    def __init__(self, value: float):
+        super().__init__()
+        self.value = nn.Parameter(torch.tensor(float(value)))
+
+    def forward(self, x):
+        assert x.shape[-1] % 32 == 0 and x.shape[-2] % 32 == 0  # tiles respect the size multiple
+        return torch.zeros_like(x) + self.value
+
+
+class Identity(nn.Module):
+    """Stand-in network: the input is the logit, so the stitched map must be sigmoid(image) exactly."""
+
+    def __init__(self):
+        super().__init__()
+        self.dummy = nn.Parameter(torch.zeros(()))
+
+    def forward(self, x):
+        return x + self.dummy
+
+
+@pytest.mark.parametrize("length,tile,overlap", [(100, 32, 8), (64, 64, 16), (10, 32, 8), (1000, 512, 64)])
+def test_tiles_cover_the_axis_with_the_overlap(length, tile, overlap):
+    starts = tile_starts(length, tile, overlap)
+    assert starts[0] == 0
+    if tile < length:
+        assert starts[-1] == length - tile
+        assert all(b - a <= tile - overlap for a, b in zip(starts, starts[1:]))
+
+
+def test_blend_window_is_smooth_and_strictly_positive():
+    w = blend_window(64, 16)
+    assert w.min() > 0 and w.max() == 1 and np.all(w[16:48] == 1)
+    np.testing.assert_allclose(w, w[::-1])
+    assert np.all(np.diff(w[:16]) > 0)
+
+
+CONFIGS = [PredictConfig(tile=64, overlap=16, batch_size=3, bf16=False, channels_last=False),
+           PredictConfig(tile=64, overlap=30, batch_size=1, bf16=False, channels_last=True),
+           PredictConfig(tile=512, overlap=64, batch_size=4, bf16=False)]
+
+
+@pytest.mark.parametrize("cfg", CONFIGS)
+@pytest.mark.parametrize("shape", [(150, 97), (64, 64), (20, 45)])
+def test_stitching_a_constant_map_is_constant_up_to_the_edges(cfg, shape):
+    prob = predict_map(Constant(0.7), np.zeros(shape, np.float32), cfg)
+    assert prob.shape == shape and prob.dtype == np.float32
+    np.testing.assert_allclose(prob, 1 / (1 + np.exp(-0.7)), rtol=0, atol=1e-6)
+
+
+@pytest.mark.parametrize("cfg", CONFIGS[:2])
+def test_stitching_puts_every_tile_back_in_its_place(cfg):
+    image = np.random.default_rng(0).normal(size=(131, 170)).astype(np.float32)
+    prob = predict_map(Identity(), image, cfg)
+    np.testing.assert_allclose(prob, 1 / (1 + np.exp(-image)), rtol=0, atol=1e-6)
+
+
+def test_bf16_prediction_stays_close():
+    image = np.random.default_rng(1).normal(size=(96, 96)).astype(np.float32)
+    fast = predict_map(Identity(), image, PredictConfig(tile=64, overlap=16, bf16=True))
+    np.testing.assert_allclose(fast, 1 / (1 + np.exp(-image)), atol=2e-2)
+
+
+def _working(value: float) -> WorkingImage:
+    scale = Scale(0.5, 0.5, 0.0, 0.0, (80, 100), (40, 50))
+    return WorkingImage(np.full((40, 50), value, np.float32), scale, 2.0)
+
+
+def _load(item):
+    if item == "bad":
+        raise InputError("bad.mrc: not an MRC file; check the path")
+    return _working(float(item))
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_predict_many_keeps_order_and_overlaps_loading(workers):
+    cfg = PredictConfig(tile=32, overlap=8, workers=workers, bf16=False)
+    items = ["-1", "0", "2.5", "1"]
+    out = list(predict_many(Identity(), items, _load, cfg))
+    assert [o[0] for o in out] == items
+    for item, working, prob in out:
+        assert working.image.shape == prob.shape == (40, 50)
+        np.testing.assert_allclose(prob, 1 / (1 + np.exp(-float(item))), atol=1e-6)
+
+
+@pytest.mark.parametrize("workers", [0, 1])
+def test_load_errors_reach_the_caller_unchanged(workers):
+    cfg = PredictConfig(tile=32, overlap=8, workers=workers, bf16=False)
+    gen = predict_many(Identity(), ["1", "bad", "2"], _load, cfg)
+    assert next(gen)[0] == "1"
+    with pytest.raises(InputError) as info:
+        next(gen)
+    assert str(info.value) == "bad.mrc: not an MRC file; check the path"

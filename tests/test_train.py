@@ -1,0 +1,175 @@
+import csv
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from crisp_ext.config import CRFConfig, LabelConfig, ModelConfig, PickerConfig
+from crisp_ext.errors import Aborted, InputError
+from crisp_ext.labels import make_labels
+from crisp_ext.preprocess import normalise
+from crisp_ext.simulate import simulate_micrograph
+from crisp_ext.train import LabeledImage, _state_copy, configure_threads, resolve_device, train_model
+
+
+def tiny_config(epochs: int = 3) -> PickerConfig:
+    cfg = PickerConfig()
+    cfg.model = ModelConfig(arch="unet", encoder="tu-test_resnet", encoder_depth=3, decoder_channels=[16, 8, 8])
+    t = cfg.train
+    t.epochs, t.patch_size, t.batch_size, t.patches_per_micrograph = epochs, 48, 4, 4
+    t.lr, t.threads, t.early_stop_patience, t.device = 1e-2, 1, 0, "cpu"
+    cfg.predict.tile, cfg.predict.overlap, cfg.predict.bf16 = 64, 16, False
+    return cfg
+
+
+def synthetic_set(n: int, size: int = 80, seed: int = 0) -> list[LabeledImage]:
+    out = []
+    for i in range(n):
+        sim = simulate_micrograph((size, size), n_particles=8, diameter_px=12.0, snr=2.0, seed=seed + i)
+        labels = make_labels(sim.image.shape, sim.centres, 12.0, LabelConfig())
+        out.append(LabeledImage(normalise(sim.image), labels, f"mic{i}", sim.centres))
+    return out
+
+
+@pytest.fixture(scope="module")
+def data():
+    return synthetic_set(3)
+
+
+def _weights(model) -> dict:
+    return {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+
+def _same(a: dict, b: dict) -> bool:
+    return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_a_tiny_model_overfits_a_tiny_set(data, tmp_path):
+    cfg = tiny_config(epochs=25)
+    cfg.train.patches_per_micrograph = 8
+    events = []
+    result = train_model(data[:2], data[:2], cfg, tmp_path, progress=events.append)
+    hist = [r for r in result.history if r["phase"] == "cnn"]
+    first, last = np.mean([r["loss"] for r in hist[:3]]), np.mean([r["loss"] for r in hist[-3:]])
+    assert last < 0.7 * first
+    assert result.best_metric > 0.5 and result.best_metric > hist[0]["val_iou"] + 0.2
+    assert not result.model.training
+    for name in ("history.csv", "history.json", "training_curve.png", "checkpoint.pt", "best.pt"):
+        assert (tmp_path / name).is_file(), name
+    rows = list(csv.DictReader((tmp_path / "history.csv").open()))
+    assert len(rows) == 25 and {"epoch", "loss", "lr", "val_iou", "val_f1"} <= set(rows[0])
+    assert json.loads((tmp_path / "history.json").read_text())[-1]["epoch"] == 25
+    assert [e.done for e in events if e.total] == list(range(1, 26))
+    # the returned model holds the best epoch's weights, which are a copy, not the last epoch's
+    best = torch.load(tmp_path / "best.pt", weights_only=False)
+    assert best["epoch"] == result.best_epoch
+    assert _same(_weights(result.model), best["state"])
+
+
+def test_state_copy_is_a_deep_copy():
+    layer = torch.nn.Linear(2, 2)
+    saved = _state_copy(layer)
+    with torch.no_grad():
+        layer.weight.add_(1.0)
+    assert not torch.equal(saved["weight"], layer.weight)
+
+
+def test_seeded_runs_are_reproducible(data, tmp_path):
+    cfg = tiny_config(epochs=2)
+    a = train_model(data[:2], data[2:], cfg, tmp_path / "a")
+    b = train_model(data[:2], data[2:], cfg, tmp_path / "b")
+    assert _same(_weights(a.model), _weights(b.model))
+    assert [r["loss"] for r in a.history] == [r["loss"] for r in b.history]
+    cfg.train.seed = 1
+    c = train_model(data[:2], data[2:], cfg, tmp_path / "c")
+    assert not _same(_weights(a.model), _weights(c.model))
+
+
+def test_an_interrupted_run_resumes_where_it_stopped(data, tmp_path):
+    cfg = tiny_config(epochs=4)
+    whole = train_model(data[:2], data[2:], cfg, tmp_path / "whole")
+    calls = {"n": 0}
+    steps_per_epoch = 2  # 2 micrographs x 4 patches / batch 4
+
+    def abort_in_epoch_3():
+        calls["n"] += 1
+        return calls["n"] > 2 * steps_per_epoch
+
+    with pytest.raises(Aborted):
+        train_model(data[:2], data[2:], cfg, tmp_path / "cut", should_abort=abort_in_epoch_3)
+    assert json.loads((tmp_path / "cut" / "history.json").read_text())[-1]["epoch"] == 2
+    resumed = train_model(data[:2], data[2:], cfg, tmp_path / "cut")
+    assert resumed.resumed
+    assert _same(_weights(whole.model), _weights(resumed.model))
+    assert [r["loss"] for r in whole.history] == [r["loss"] for r in resumed.history]
+    assert resumed.best_epoch == whole.best_epoch
+    # other settings do not resume from that checkpoint
+    cfg.train.lr = 5e-3
+    assert not train_model(data[:2], data[2:], cfg, tmp_path / "cut").resumed
+
+
+def test_early_stopping_and_no_validation(data, tmp_path):
+    cfg = tiny_config(epochs=30)
+    cfg.train.lr = 0.0  # only batch-norm statistics move: the metric soon stops improving
+    cfg.train.early_stop_patience = 3
+    result = train_model(data[:1], data[2:], cfg, tmp_path / "stop")
+    assert len(result.history) < 30 and len(result.history) == result.best_epoch + 3
+    assert max(r["val_iou"] for r in result.history) == result.best_metric
+    cfg = tiny_config(epochs=2)
+    result = train_model(data[:1], [], cfg, tmp_path / "noval")
+    assert result.best_epoch in (1, 2) and "val_iou" not in result.history[0]
+
+
+def test_small_micrographs_and_bad_input(tmp_path):
+    small = synthetic_set(1, size=40, seed=5)  # smaller than the patch: padded with ignored pixels
+    cfg = tiny_config(epochs=1)
+    cfg.train.patch_size = 64
+    train_model(small, small, cfg, tmp_path / "small")
+    with pytest.raises(InputError, match="no training micrographs"):
+        train_model([], small, cfg, tmp_path / "x")
+    bad = LabeledImage(np.zeros((10, 10), np.float32), small[0].labels, "bad")
+    with pytest.raises(InputError, match="bad"):
+        train_model([bad], [], cfg, tmp_path / "x")
+
+
+def test_device_and_threads():
+    assert resolve_device("cpu").type == "cpu"
+    assert resolve_device("auto").type in ("cpu", "cuda")
+    with pytest.raises(InputError, match="device"):
+        resolve_device("tpu")
+    if not torch.cuda.is_available():
+        with pytest.raises(InputError, match="CUDA"):
+            resolve_device("cuda")
+    before = torch.get_num_threads()
+    try:
+        assert configure_threads(1) == 1
+        assert configure_threads(None) >= 1
+    finally:
+        torch.set_num_threads(before)
+
+
+def _crf_available() -> bool:
+    try:
+        from crisp_ext.crf import build_crf_segmenter  # noqa: F401
+    except ImportError:
+        return False
+    return all(hasattr(CRFConfig(), k) for k in ("cd_guide", "detach_guide"))
+
+
+@pytest.mark.skipif(not _crf_available(), reason="crisp_ext.crf and its config fields have not landed yet")
+def test_crf_fine_tuning_is_a_second_phase(data, tmp_path):
+    from crisp_ext.model_dir import load_model_dir, save_model_dir
+    from crisp_ext.predict import predict_map
+
+    cfg = tiny_config(epochs=2)
+    cfg.crf = CRFConfig(kind="standard", finetune_epochs=2, theta_alpha=4.0, theta_gamma=1.0)
+    result = train_model(data[:2], data[2:], cfg, tmp_path / "run")
+    phases = [(r["phase"], r["epoch"]) for r in result.history]
+    assert phases == [("cnn", 1), ("cnn", 2), ("crf", 0), ("crf", 1), ("crf", 2)]
+    assert hasattr(result.model, "crf")
+    save_model_dir(tmp_path / "model", result.model, cfg, {})
+    loaded = load_model_dir(tmp_path / "model", device="cpu")
+    image = data[2].image
+    np.testing.assert_array_equal(predict_map(loaded.model, image, cfg.predict),
+                                  predict_map(result.model, image, cfg.predict))

@@ -225,16 +225,17 @@ def _train(micrographs, by_id, particles: Particles, cfg: PickerConfig, work_dir
         val_diam.append(prepared[mid][1].scale.length_to_working(micrograph_diameter(by_id[mid], cfg)))
     diameter_w = float(np.median(val_diam))
     finders = ("nms", "trackpy", "morphology") if cfg.centres.finder == "auto" else (cfg.centres.finder,)
+    options = _centre_options(cfg, diameter_w)
     selection = select_finder(val_maps, val_truth, diameter_w, finders=finders,
                               match_radius_px=cfg.centres.match_radius * diameter_w,
-                              objective=cfg.centres.threshold_objective,
-                              params=cfg.centres.params or None)
+                              objective=cfg.centres.threshold_objective, params=cfg.centres.params or None,
+                              **options)
     threshold = cfg.centres.threshold if cfg.centres.threshold is not None else selection.threshold
-    from .centres.base import find_centres
+    from .centres.postprocess import pick_centres
 
     preds, scores = [], []
     for prob in val_maps:
-        cs = find_centres(prob, diameter_w, selection.finder, selection.params).above(threshold)
+        cs = pick_centres(prob, diameter_w, selection.finder, selection.params, threshold, **options)
         preds.append(cs.xy)
         scores.append(cs.score)
     vm = picking_metrics(preds, scores, val_truth, cfg.centres.match_radius * diameter_w)
@@ -264,36 +265,26 @@ def _train(micrographs, by_id, particles: Particles, cfg: PickerConfig, work_dir
 
 # -- picking --------------------------------------------------------------------------------------------------------
 
-def _edge_filter(xy: np.ndarray, shape: tuple[int, int], box: float, mode: str) -> np.ndarray:
-    """Indices of picks to keep: inside the micrograph, and (``drop``) whose box stays inside too."""
-    ny, nx = shape
-    inside = (xy[:, 0] >= 0) & (xy[:, 0] < nx) & (xy[:, 1] >= 0) & (xy[:, 1] < ny)
-    if mode == "drop":
-        h = box / 2.0
-        inside &= (xy[:, 0] - h >= 0) & (xy[:, 0] + h <= nx) & (xy[:, 1] - h >= 0) & (xy[:, 1] + h <= ny)
-    elif mode != "keep":
-        raise InputError(f"centres.edge must be 'drop' or 'keep', not {mode!r}")
-    return np.nonzero(inside)[0]
+def _centre_options(cfg: PickerConfig, diameter_w: float) -> dict:
+    """Edge rule and de-duplication at the working scale, the same for selection and picking."""
+    return {"edge": cfg.centres.edge, "box_px": cfg.centres.box_fraction * diameter_w,
+            "min_distance_px": cfg.centres.min_distance * diameter_w}
 
 
 def pick_micrograph(prob: np.ndarray, wi: WorkingImage, mic: Micrograph, diameter_px: float, cfg: PickerConfig,
                     finder: str, params: dict, threshold: float) -> Particles:
-    """Centres of one probability map, in original pixels, filtered by threshold, edge rule and de-duplication."""
-    from .centres.base import find_centres
-    from .centres.postprocess import deduplicate
+    """Centres of one probability map in original pixels: find, edge rule, de-duplication, threshold (at the
+    working scale, exactly as on the validation micrographs), best score first."""
+    from .centres.postprocess import pick_centres
 
     diameter_w = wi.scale.length_to_working(diameter_px)
-    cs = find_centres(prob, diameter_w, finder, params).above(threshold)
-    keep = deduplicate(cs.xy, cs.score, cfg.centres.min_distance * diameter_w)
-    xy = wi.scale.to_original(cs.xy[keep])
-    score = cs.score[keep]
+    cs = pick_centres(prob, diameter_w, finder, params, threshold, **_centre_options(cfg, diameter_w)).sorted()
+    xy = wi.scale.to_original(cs.xy)
     ny, nx = wi.scale.original_shape
-    if cfg.centres.edge == "keep":  # pulled strictly inside: RELION's Extract dies on a centre outside
-        xy[:, 0] = np.clip(xy[:, 0], 0.0, np.nextafter(nx - 1.0, -np.inf) if nx > 1 else 0.0)
-        xy[:, 1] = np.clip(xy[:, 1], 0.0, np.nextafter(ny - 1.0, -np.inf) if ny > 1 else 0.0)
-    idx = _edge_filter(xy, (ny, nx), cfg.centres.box_fraction * diameter_px, cfg.centres.edge)
-    order = idx[np.argsort(-score[idx], kind="stable")]
-    return Particles.for_one(mic.id, xy[order], score[order])
+    # Never a coordinate outside the micrograph (RELION's Extract fails the whole job on one).
+    xy[:, 0] = np.clip(xy[:, 0], 0.0, nx - 1.0)
+    xy[:, 1] = np.clip(xy[:, 1], 0.0, ny - 1.0)
+    return Particles.for_one(mic.id, xy, cs.score)
 
 
 @dataclass

@@ -1,0 +1,202 @@
+"""The ``crisp-cryosparc`` command.
+
+    crisp-cryosparc live --url http://cryosparc:39000 --email me@lab.org --project P3 --workspace W1 \\
+        --particles J12:particles_selected --exposures J8:exposures --diameter 190A
+    crisp-cryosparc offline --project-dir /data/CS-myproject --particles J12 --exposures J8 --diameter 190A \\
+        --out crisp_picks
+
+Exit status: 0 done, 2 bad input (unknown uid, login, versions, files), 1 the job failed otherwise, 130 interrupted.
+Heavy imports (torch, cryosparc.tools) happen only when a command runs, so ``--help`` is instant.
+"""
+
+from __future__ import annotations
+
+import argparse
+import getpass
+import os
+import sys
+from pathlib import Path
+
+EXIT_INPUT = 2
+EXIT_FAILED = 1
+EXIT_ABORTED = 130
+PROG = "crisp-cryosparc"
+
+
+def _diameter(text: str):
+    from crisp_ext.cli import _diameter as parse
+
+    try:
+        return (float(text), None) if float(text) > 0 else parse(text)
+    except ValueError:
+        return parse(text)
+
+
+def _add_picker_options(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("picker")
+    g.add_argument("--particles", metavar="JOB[:OUTPUT]",
+                   help="curated particles to train on, e.g. J12:particles_selected (not needed with --model)")
+    g.add_argument("--exposures", metavar="JOB[:OUTPUT]", required=True,
+                   help="micrographs to pick, e.g. J8:exposures (output name optional when unambiguous)")
+    g.add_argument("--diameter", type=_diameter, help="particle diameter: 190A (or 190) in Å, or 27px")
+    g.add_argument("--model", type=Path, help="a trained model directory (skips training)")
+    g.add_argument("--config", type=Path, help="picker configuration (TOML, YAML or JSON)")
+    g.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a config value, e.g. --set train.epochs=20 (repeatable)")
+    g.add_argument("--epochs", type=int, help="training epochs (shortcut for --set train.epochs=N)")
+    g.add_argument("--threshold", type=float, help="score threshold (default: chosen on validation micrographs)")
+    g.add_argument("--device", help="auto, cpu, cuda or cuda:N")
+    g.add_argument("--threads", type=int, help="CPU threads (default: all cores)")
+    g.add_argument("--path-map", action="append", default=[], metavar="SERVER=LOCAL",
+                   help="read server paths starting with SERVER from LOCAL instead (repeatable)")
+    g.add_argument("--work-dir", type=Path, help="model, plots and downloads (live default: ./crisp-cryosparc/<P>; "
+                                                 "offline default: OUT/work)")
+    g.add_argument("--quiet", action="store_true", help="plain log lines instead of progress bars")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    import crisp_ext
+
+    parser = argparse.ArgumentParser(prog=PROG, description=(
+        "CRISP particle picking for cryoSPARC: train on curated particles, pick every micrograph, and save the picks "
+        "as a new External job (live) or as a .cs/.csg result group (offline)."))
+    parser.add_argument("--version", action="version", version=f"{PROG} (crisp-ext {crisp_ext.__version__})")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+
+    p = sub.add_parser("live", help="pick on a running CryoSPARC v5 instance; picks become an External job")
+    c = p.add_argument_group("connection")
+    c.add_argument("--url", help="CryoSPARC web address, e.g. http://cryosparc:39000 (default: CRYOSPARC_BASE_URL)")
+    c.add_argument("--email", help="login email (default: CRYOSPARC_EMAIL; or a saved "
+                                   "`python -m cryosparc.tools login`)")
+    c.add_argument("--password", help="password (default: CRYOSPARC_PASSWORD; prompted when only --email is given)")
+    c.add_argument("--password-file", type=Path, help="read the password from this file")
+    c.add_argument("--project", required=True, help="project uid, e.g. P3")
+    c.add_argument("--workspace", required=True, help="workspace uid for the new job, e.g. W1")
+    c.add_argument("--title", default=None, help="title of the new External job")
+    c.add_argument("--download", choices=("auto", "always", "never"), default="auto",
+                   help="micrographs: read the mounted project directory, downloading those not found (auto)")
+    _add_picker_options(p)
+
+    p = sub.add_parser("offline", help="pick in a cryoSPARC project directory; write a .cs + .csg to import")
+    p.add_argument("--project-dir", type=Path, required=True, help="the cryoSPARC project directory (read only)")
+    p.add_argument("--out", type=Path, required=True, help="output directory for NAME.cs and NAME.csg")
+    p.add_argument("--name", default="crisp_particles", help="output file name stem (default crisp_particles)")
+    _add_picker_options(p)
+    return parser
+
+
+def main(argv=None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if not args.command:
+        parser.print_help()
+        return 0
+    from crisp_ext.errors import Aborted, InputError
+
+    try:
+        return _live(args) if args.command == "live" else _offline(args)
+    except InputError as exc:
+        _error(str(exc))
+        return EXIT_INPUT
+    except (Aborted, KeyboardInterrupt) as exc:
+        _error(f"interrupted ({exc or 'Ctrl-C'})" if args.command == "offline" else
+               f"interrupted ({exc or 'Ctrl-C'}); the job was marked failed")
+        return EXIT_ABORTED
+
+
+def _error(message: str) -> None:
+    print(f"{PROG}: error: {message.strip().splitlines()[0] if message.strip() else 'unknown error'}",
+          file=sys.stderr)
+
+
+def _overrides(args) -> dict:
+    import json
+
+    from crisp_ext.errors import InputError
+
+    out = {}
+    for item in args.set:
+        if "=" not in item:
+            raise InputError(f"--set {item!r}: expected KEY=VALUE, e.g. train.epochs=20")
+        key, value = item.split("=", 1)
+        try:
+            out[key.strip()] = json.loads(value.strip())
+        except json.JSONDecodeError:
+            out[key.strip()] = value.strip()
+    if args.diameter:
+        a, px = args.diameter
+        out["particle.diameter_A"], out["particle.diameter_px"] = a, px
+    for key, value in (("train.epochs", args.epochs), ("centres.threshold", args.threshold),
+                       ("train.device", args.device), ("train.threads", args.threads)):
+        if value is not None:
+            out[key] = value
+    return out
+
+
+def _config(args):
+    from .settings import make_config
+
+    base = make_config(args.config) if args.config else None
+    return make_config(base, overrides=_overrides(args))
+
+
+def _progress(args):
+    from crisp_ext.progress import LinePrinter, TqdmReporter
+
+    return LinePrinter(sys.stdout) if args.quiet or not sys.stderr.isatty() else TqdmReporter()
+
+
+def _password(args) -> str | None:
+    from crisp_ext.errors import InputError
+
+    if args.password_file:
+        try:
+            return args.password_file.read_text().strip()
+        except OSError as exc:
+            raise InputError(f"--password-file {args.password_file}: cannot read ({exc.strerror or exc})") from None
+    if args.password:
+        return args.password
+    email = args.email or os.environ.get("CRYOSPARC_EMAIL")
+    if email and not os.environ.get("CRYOSPARC_PASSWORD") and args.email and sys.stdin.isatty():
+        return getpass.getpass(f"CryoSPARC password for {email}: ")
+    return None
+
+
+def _live(args) -> int:
+    from crisp_ext.errors import Aborted, InputError
+
+    from .connect import error_text
+    from .live import DEFAULT_TITLE, JobFailed, run_live
+
+    cfg = _config(args)
+    try:
+        run = run_live(args.url, args.project, args.workspace, particles=args.particles, exposures=args.exposures,
+                       config=cfg, email=args.email, password=_password(args), model_dir=args.model,
+                       title=args.title or DEFAULT_TITLE, path_map=args.path_map, download=args.download,
+                       work_dir=args.work_dir, progress=_progress(args))
+    except JobFailed as exc:
+        _error(f"{exc} (the traceback is in the job's event log)")
+        return EXIT_FAILED
+    except (InputError, Aborted, KeyboardInterrupt):
+        raise
+    except Exception as exc:  # noqa: BLE001 (e.g. the connection dropped): one line, not a traceback
+        _error(error_text(exc))
+        return EXIT_FAILED
+    print(f"{run.job_uid}: saved {len(run.particles)} particles on {len(run.result.counts)} micrographs as output "
+          f"'particles' of {run.project_uid} {run.job_uid}", flush=True)
+    return 0
+
+
+def _offline(args) -> int:
+    from .offline import pick_offline
+
+    run = pick_offline(args.project_dir, args.exposures, args.out, particles=args.particles, config=_config(args),
+                       model_dir=args.model, path_map=args.path_map, name=args.name, work_dir=args.work_dir,
+                       progress=_progress(args))
+    print(f"wrote {len(run.particles)} particles to {run.cs_path} and {run.csg_path}; import {run.csg_path.name} "
+          f"with Import Result Group", flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

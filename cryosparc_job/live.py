@@ -1,0 +1,283 @@
+"""Picking on a live CryoSPARC v5 instance: the picks become the ``particles`` output of a new External job.
+
+    job_uid = pick_live("http://cryosparc:39000", "P3", "W1", particles=("J12", "particles_selected"),
+                        exposures=("J8", "exposures"), diameter_A=190, email=..., password=...)
+
+Flow: connect (versions checked) -> check the sources -> create a titled External job (markdown description) ->
+connect its inputs to the source outputs (lineage) -> add the ``particles`` output (``location`` + ``pick_stats``)
+-> ``with job.run()``: load inputs, get micrograph pixels (mounted project directory, else ``download_mrc`` into
+a cache), train or load the picker, pick, ``alloc_output`` + fill + ``save_output``, plots -> completed. Any error
+inside ends the job failed with the reason (and re-raises); it is never left running.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path, PurePosixPath
+
+from crisp_ext.errors import Aborted, InputError
+from crisp_ext.progress import ProgressCallback, ProgressEvent
+from crisp_ext.types import Micrograph, micrographs_by_id
+
+from . import records, settings
+from .connect import CryoSPARCError, check_version, connect, error_text
+from .files import attach_files
+from .lookup import find_project, find_source, find_workspace
+from .paths import PathMap, locate
+
+DEFAULT_TITLE = "CRISP particle picks"
+MICROGRAPHS_INPUT = "micrographs"
+PARTICLES_INPUT = "curated_particles"
+OUTPUT = "particles"
+
+
+class JobFailed(RuntimeError):
+    """The External job ended failed (its event log holds the traceback); ``__cause__`` is the error."""
+
+    def __init__(self, job_uid: str, error: BaseException):
+        super().__init__(f"job {job_uid} failed: {error_text(error)}")
+        self.job_uid = job_uid
+
+
+@dataclass
+class LiveRun:
+    """What a live run did: the job, the pipeline's result, and the particles dataset it saved."""
+
+    job_uid: str
+    project_uid: str
+    work_dir: Path
+    result: object  # crisp_ext.pipeline.PipelineResult
+    particles: object  # cryosparc.dataset.Dataset, as saved
+    micrographs: list[Micrograph] = field(default_factory=list)
+
+
+class EventLog:
+    """Messages and progress into the job's event log, echoed to ``echo``.
+
+    Progress events (with a total) update one line per stage in place (``job.log(..., name=...)``), at most every
+    ``min_interval`` seconds and always on a stage's last step; other events become their own lines.
+    """
+
+    def __init__(self, job, echo: ProgressCallback | None = None, min_interval: float = 1.0):
+        self.job, self.echo, self.min_interval = job, echo, min_interval
+        self._last: dict[str, float] = {}
+
+    def text(self, message: str) -> None:
+        self.job.log(message)
+        if self.echo:
+            self.echo(ProgressEvent("cryosparc", message=message))
+
+    def warning(self, message: str) -> None:
+        self.job.log(message, level="warning")
+        if self.echo:
+            self.echo(ProgressEvent("warning", message=message))
+
+    def __call__(self, event: ProgressEvent) -> None:
+        if self.echo:
+            self.echo(event)
+        if not event.total:
+            self.job.log(event.line())
+            return
+        now = time.monotonic()
+        last = self._last.get(event.stage)
+        if last is None or event.done >= event.total or now - last >= self.min_interval:
+            self.job.log(event.line(), name=f"crisp-progress-{event.stage}")
+            self._last[event.stage] = now
+
+
+def pick_live(cs_or_url, project: str, workspace: str, particles=None, exposures=None, diameter_A: float | None = None,
+              config=None, **options) -> str:
+    """Pick on a live instance and save the picks as a new External job's ``particles`` output; returns its uid.
+
+    ``cs_or_url``: a ``cryosparc.tools.CryoSPARC`` or the instance URL (then ``email=``/``password=`` or a saved
+    login; ``CRYOSPARC_*`` variables as defaults). ``particles`` / ``exposures``: ``("J12", "particles_selected")``,
+    ``"J12"`` (its only suitable output) or ``"J12:particles_selected"``. ``config``: a PickerConfig, a config file,
+    or a dict of dotted overrides. Further options: see :func:`run_live`.
+    """
+    return run_live(cs_or_url, project, workspace, particles=particles, exposures=exposures, diameter_A=diameter_A,
+                    config=config, **options).job_uid
+
+
+def run_live(cs_or_url, project: str, workspace: str, *, exposures, particles=None, diameter_A: float | None = None,
+             config=None, email: str | None = None, password: str | None = None, model_dir: str | Path | None = None,
+             title: str = DEFAULT_TITLE, path_map: Sequence[str] | PathMap = (), download: str = "auto",
+             work_dir: str | Path | None = None, progress: ProgressCallback | None = None) -> LiveRun:
+    """:func:`pick_live` returning the details.
+
+    ``model_dir``: a trained model directory (then ``particles`` are optional: nothing is trained). ``path_map``:
+    ``["SERVER_PREFIX=LOCAL_PREFIX", ...]`` when the project directory is mounted elsewhere here. ``download``:
+    ``auto`` (read mounted files, download the others), ``always`` or ``never``. ``work_dir``: model, plots and
+    downloaded micrographs (default ``./crisp-cryosparc/<project>``); this run's files go to ``work_dir/<job>``.
+    ``progress``: also receives every progress event (e.g. a terminal printer).
+    """
+    if download not in ("auto", "always", "never"):
+        raise InputError(f"download must be 'auto', 'always' or 'never', not {download!r}")
+    if exposures is None:
+        raise InputError("give the micrographs to pick: exposures=('J8', 'exposures') (--exposures J8)")
+    model_dir = Path(model_dir) if model_dir else None
+    if model_dir is None and particles is None:
+        raise InputError("give curated particles to train on (particles=('J12', 'particles_selected'), --particles "
+                         "J12) or a trained model directory (model_dir=..., --model)")
+    if model_dir is not None and not (model_dir / "model.json").is_file():
+        raise InputError(f"{model_dir} is not a crisp-ext model directory (no model.json); give the 'model' folder "
+                         f"of an earlier run")
+    cfg = settings.make_config(config, diameter_A)
+    settings.check_size(cfg, model_dir)
+    pmap = path_map if isinstance(path_map, PathMap) else PathMap.parse(path_map)
+
+    if isinstance(cs_or_url, str) or cs_or_url is None:
+        cs = connect(cs_or_url, email=email, password=password)
+    else:
+        cs = cs_or_url
+        check_version(cs)
+    proj = find_project(cs, project)
+    wspace = find_workspace(cs, proj.uid, workspace)
+    exp = find_source(proj, exposures, "exposure")
+    parts = find_source(proj, particles, "particle") if particles is not None else None
+
+    sources = [("micrographs", exp.label)] + ([("curated particles", parts.label)] if parts else [])
+    job = proj.create_external_job(wspace.uid, title=title, desc=settings.description(cfg, sources, model_dir))
+    base = Path(work_dir) if work_dir else Path.cwd() / "crisp-cryosparc" / proj.uid
+    run_dir = base / job.uid
+    log = EventLog(job, echo=progress)
+    try:
+        _setup(job, exp, parts)
+        with job.run():
+            try:
+                return _run(job, proj, log, cfg, exp, parts, model_dir, pmap, download, base, run_dir, sources)
+            except KeyboardInterrupt as exc:
+                raise Aborted("interrupted by the user") from exc
+            except Exception as exc:
+                job.log(f"Error: {error_text(exc)}", level="error")
+                raise
+    except (InputError, Aborted):
+        raise
+    except Exception as exc:
+        raise JobFailed(job.uid, exc) from exc
+
+
+def _setup(job, exp, parts) -> None:
+    """Inputs connected to the sources (lineage) and the particles output; on failure the job ends failed."""
+    try:
+        job.connect(MICROGRAPHS_INPUT, exp.job.uid, exp.output, slots=["micrograph_blob", "?ctf"],
+                    title="Micrographs")
+        if parts:
+            job.connect(PARTICLES_INPUT, parts.job.uid, parts.output, slots=["location", "?alignments3D"],
+                        title="Curated particles")
+        job.add_output("particle", OUTPUT, slots=["location", "pick_stats"], title="Picked particles")
+    except Exception as exc:  # a job that cannot run must not stay behind as "building" without a word
+        _fail_quietly(job, f"setting up the job failed: {error_text(exc)}")
+        raise
+
+
+def _run(job, proj, log: EventLog, cfg, exp, parts, model_dir, pmap: PathMap, download: str, base: Path,
+         run_dir: Path, sources) -> LiveRun:
+    from crisp_ext import pipeline
+
+    log.text(settings.summary_text(cfg, sources, model_dir, run_dir))
+    mic_data = job.load_input(MICROGRAPHS_INPUT, slots=_wanted(job, MICROGRAPHS_INPUT, ["micrograph_blob", "ctf"]))
+    all_mics = records.micrographs_from_exposures(mic_data, PurePosixPath, where=exp.label)
+    if not all_mics:
+        raise InputError(f"{exp.label} holds no exposures; nothing to pick")
+    local_dir = Path(pmap.apply(str(proj.dir)))
+    mounted = local_dir.is_dir()
+    if download != "always":
+        log.text(f"Reading micrographs from {local_dir}" if mounted else
+                 f"Project directory {proj.dir} is not mounted here (looked for {local_dir}); "
+                 + ("downloading micrographs" if download == "auto" else "give --path-map SERVER=LOCAL"))
+    fetcher = _Fetcher(proj, base / "downloads" / proj.uid, log)
+
+    def resolve(mic: Micrograph) -> Path | None:
+        blob = str(mic.meta["micrograph_path"])
+        path = locate(blob, local_dir if mounted else None, pmap) if download != "always" else None
+        if path is None and download != "never":
+            path = fetcher(blob, mic.meta.get("psize_A"))
+        return path
+
+    mics = attach_files(all_mics, resolve, log.warning)
+    if not mics:
+        raise InputError(f"none of the {len(all_mics)} micrographs of {exp.label} could be read; mount the project "
+                         f"directory (with --path-map) or allow downloads")
+    curated = None
+    if parts is not None:
+        part_data = job.load_input(PARTICLES_INPUT, slots=_wanted(job, PARTICLES_INPUT, ["location", "alignments3D"]))
+        curated, unmatched = records.particles_from_dataset(part_data, mics, where=parts.label)
+        if unmatched:
+            log.warning(f"{unmatched} of {len(part_data)} curated particles lie on micrographs not available from "
+                        f"{exp.label}; they are not used")
+        if not len(curated) and model_dir is None:
+            raise InputError(f"none of the {len(part_data)} particles of {parts.label} lie on the micrographs of "
+                             f"{exp.label}; connect the exposures the particles were picked on")
+        log.text(f"{len(curated)} curated particles on {len(curated.micrograph_ids())} micrograph(s); picking "
+                 f"{len(mics)} micrograph(s)")
+    picker_box = {}
+    result = pipeline.run(mics, cfg, work_dir=run_dir, particles=curated if curated is not None and len(curated)
+                          else None, model_dir=model_dir, on_ready=lambda p: picker_box.setdefault("picker", p),
+                          progress=log)
+    picker = picker_box["picker"]
+    picks = result.picks
+    by_id = micrographs_by_id(mics)
+    dset = job.alloc_output(OUTPUT, len(picks))
+    records.fill_particles(dset, picks, by_id, settings.min_dist_A(mics, picker.config), result.score_range)
+    job.save_output(OUTPUT, dset)
+    if not len(picks):
+        log.warning("no particles were picked; check the particle diameter and the threshold")
+    for path in result.plots:
+        _log_plot(job, Path(path), result.threshold)
+    log.text(f"{len(picks)} particles on {len(result.counts)} micrographs (finder {result.finder}, threshold "
+             f"{result.threshold:.3g}); model directory: {result.model_dir}")
+    return LiveRun(job.uid, proj.uid, run_dir, result, dset, mics)
+
+
+class _Fetcher:
+    """Downloads micrographs with ``download_mrc`` into a cache directory (atomic writes, reused across runs)."""
+
+    def __init__(self, project, cache: Path, log: EventLog):
+        self.project, self.cache, self.log = project, cache, log
+
+    def __call__(self, blob: str, psize_A) -> Path | None:
+        from crisp_ext.io.mrc import write_mrc
+
+        rel = PurePosixPath(blob)
+        target = self.cache / (rel.relative_to(rel.anchor) if rel.is_absolute() else rel)
+        if target.is_file():
+            return target
+        try:
+            _, data = self.project.download_mrc(blob)
+        except Exception as exc:  # a missing or unreadable file on the server skips this micrograph
+            from cryosparc.errors import APIError
+
+            if not isinstance(exc, (APIError, OSError, ValueError)):
+                raise
+            self.log.warning(f"micrograph {blob}: download failed ({error_text(exc)})")
+            return None
+        image = data[0] if data.ndim == 3 else data
+        write_mrc(target, image, pixel_size=float(psize_A) if psize_A else None)
+        return target
+
+
+def _wanted(job, input_name: str, slots: Sequence[str]) -> list[str]:
+    """The slots among ``slots`` that the input's connections provide (the first is required)."""
+    inp = job.model.spec.inputs.root[input_name]
+    have = {r.name or r.result for c in inp.connections for r in c.results}
+    return [s for i, s in enumerate(slots) if i == 0 or s in have]
+
+
+def _log_plot(job, path: Path, threshold: float) -> None:
+    if path.stem == "score_histogram":
+        text = f"Pick scores (threshold {threshold:.3g})"
+    else:
+        text = "Picks on " + path.stem.removeprefix("picks_")
+    job.log_plot(path, text, formats=["png"])
+
+
+def _fail_quietly(job, message: str) -> None:
+    try:
+        job.stop(error=message)
+    except Exception:  # the original error matters more than this one
+        pass
+
+
+__all__ = ["DEFAULT_TITLE", "CryoSPARCError", "EventLog", "LiveRun", "pick_live", "run_live"]

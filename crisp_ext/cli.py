@@ -361,13 +361,12 @@ def _cmd_evaluate(args) -> int:
     from .metrics import picking_metrics
     from .preprocess import diameter_in_pixels
 
-    mics = find_micrographs(args.mics, pixel_size=args.pixel_size)
+    all_mics = find_micrographs(args.mics, pixel_size=args.pixel_size)
+    pred = read_picks(args.picks, all_mics)
+    truth = read_picks(args.truth, all_mics, flip_y=args.flip_y)
     only = _names(args.only)
-    if only:
-        keep = set(_ids_for(only, mics))
-        mics = [m for m in mics if m.id in keep]
-    pred = read_picks(args.picks, mics)
-    truth = read_picks(args.truth, mics, flip_y=args.flip_y)
+    keep = set(_ids_for(only, all_mics)) if only else {m.id for m in all_mics}
+    mics = [m for m in all_mics if m.id in keep]
     if len(truth) == 0:
         raise InputError(f"{args.truth}: no reference picks for these micrographs")
     from .io.mrc import read_info

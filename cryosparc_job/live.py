@@ -177,7 +177,7 @@ def _run(job, proj, log: EventLog, cfg, exp, parts, model_dir, pmap: PathMap, do
     from crisp_ext import pipeline
 
     log.text(settings.summary_text(cfg, sources, model_dir, run_dir))
-    mic_data = job.load_input(MICROGRAPHS_INPUT, slots=_wanted(job, MICROGRAPHS_INPUT, ["micrograph_blob", "ctf"]))
+    mic_data = job.load_input(MICROGRAPHS_INPUT, slots="all")  # one row per micrograph; all slots (exposure groups)
     all_mics = records.micrographs_from_exposures(mic_data, PurePosixPath, where=exp.label)
     if not all_mics:
         raise InputError(f"{exp.label} holds no exposures; nothing to pick")
@@ -220,6 +220,9 @@ def _run(job, proj, log: EventLog, cfg, exp, parts, model_dir, pmap: PathMap, do
     picks = result.picks
     by_id = micrographs_by_id(mics)
     dset = job.alloc_output(OUTPUT, len(picks))
+    unknown = sorted(set(dset.fields()) - {"uid"} - {f[0] for f in records.PARTICLE_FIELDS})
+    if unknown:
+        log.warning(f"the server announces particle fields crisp-ext does not fill (left at 0): {', '.join(unknown)}")
     records.fill_particles(dset, picks, by_id, settings.min_dist_A(mics, picker.config), result.score_range)
     job.save_output(OUTPUT, dset)
     if not len(picks):

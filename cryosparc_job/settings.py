@@ -74,9 +74,11 @@ def key_parameters(cfg: PickerConfig, model_dir: Path | None) -> list[tuple[str,
                  ("training", f"{t.epochs} epochs, {t.patch_size}² patches, loss {t.loss}, lr {t.lr:g}"),
                  ("CRF", cfg.crf.kind), ("labels", cfg.labels.kind)]
     c = cfg.centres
-    rows += [("working particle diameter", f"{cfg.preprocess.target_diameter_px:g} px"),
-             ("centre finder", c.finder),
-             ("threshold", "chosen on validation micrographs" if c.threshold is None else f"{c.threshold:g}"),
+    chosen = "the model's" if model_dir is not None else "chosen on validation micrographs"
+    if model_dir is None:
+        rows.append(("working particle diameter", f"{cfg.preprocess.target_diameter_px:g} px"))
+    rows += [("centre finder", chosen if c.finder == "auto" else c.finder),
+             ("threshold", chosen if c.threshold is None else f"{c.threshold:g}"),
              ("edge rule", c.edge), ("device", cfg.train.device)]
     return rows
 

@@ -93,7 +93,7 @@ def test_help_and_missing_arguments(capsys):
 
 def test_console_script_runs_a_live_job_over_loopback(cryosparc_loopback, tmp_path, tiny_model_dir):
     fake = cryosparc_loopback
-    seed_scene(fake)
+    seed_scene(fake, n=2, curated=(0,))
     env = {**os.environ, "XDG_CONFIG_HOME": str(tmp_path / "xdg"), "OMP_NUM_THREADS": "1",
            "CRYOSPARC_MASTER_HOSTNAME": "worker", "CRYOSPARC_BASE_PORT": "39000"}  # as inside a CryoSPARC worker
     args = live_args(fake, "--model", str(tiny_model_dir), "--work-dir", str(tmp_path / "work"), "--set",

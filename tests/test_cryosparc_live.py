@@ -12,6 +12,7 @@ from fakes.cryosparc_server import (  # noqa: F401 (fixtures)
     unused_url,
 )
 
+import cryosparc_job
 from crisp_ext.errors import InputError
 from cryosparc_job import records
 from cryosparc_job.connect import CryoSPARCError, connect
@@ -84,27 +85,36 @@ def test_full_flow_trains_picks_and_saves_a_completed_external_job(cryosparc_inp
 
 def test_notebook_function_with_a_client_and_a_model_directory(cryosparc_inprocess, tmp_path, tiny_model_dir):
     fake = cryosparc_inprocess
-    seed_scene(fake)
+    scene = seed_scene(fake)
+    # Motion-correction exposures: no ctf slot, the exposure group in mscope_params (passed through the input)
+    mics = scene.exposures.dataset.filter_prefixes(["micrograph_blob"], copy=True)
+    mics.add_fields([("mscope_params/exp_group_id", "<u4")])
+    mics["mscope_params/exp_group_id"] = 7
+    motion = fake.seed_output_job(mics, output_name="micrographs", type="exposure",
+                                  job_type="patch_motion_correction_multi")
     cs = fake.connect()
-    uid = pick_live(cs, "P1", "W1", exposures="J1", model_dir=tiny_model_dir, config={"predict.bf16": False},
-                    work_dir=tmp_path / "w", title="CRISP from a notebook")
+    uid = cryosparc_job.pick_live(cs, "P1", "W1", exposures=motion.uid, model_dir=tiny_model_dir,
+                                  config={"predict.bf16": False}, work_dir=tmp_path / "w",
+                                  title="CRISP from a notebook")
     job = fake.job(uid)
     assert (job.status, job.title, list(job.spec.inputs.root)) == ("completed", "CRISP from a notebook",
                                                                     ["micrographs"])
-    assert len(Dataset.load(fake.project_dir / uid / "particles.cs")) == job.spec.outputs.root["particles"].num_items
+    saved = Dataset.load(fake.project_dir / uid / "particles.cs")
+    assert len(saved) == job.spec.outputs.root["particles"].num_items > 0
+    assert set(saved["location/exp_group_id"]) == {7}
 
 
 def test_micrographs_are_downloaded_when_the_project_is_not_mounted(tmp_path, monkeypatch, tiny_model_dir):
     isolate_client_config(monkeypatch, tmp_path / "xdg")
     fake = FakeCryoSPARC(tmp_path / "server-side", server_project_dir="/nowhere/CS-proj")
-    seed_scene(fake)
+    seed_scene(fake, n=2, curated=(0,))
     with fake.in_process():
         run = live(fake, tmp_path, particles=None, model_dir=tiny_model_dir)
-        assert fake.summaries().count("projects.download_file") == 3
+        assert fake.summaries().count("projects.download_file") == 2
         cached = sorted(p.name for p in (tmp_path / "work" / "downloads" / "P1").rglob("*.mrc"))
-        assert len(cached) == 3 and all(str(m.path).startswith(str(tmp_path / "work")) for m in run.micrographs)
+        assert len(cached) == 2 and all(str(m.path).startswith(str(tmp_path / "work")) for m in run.micrographs)
         live(fake, tmp_path, particles=None, model_dir=tiny_model_dir)  # a second run reuses the cache
-        assert fake.summaries().count("projects.download_file") == 3
+        assert fake.summaries().count("projects.download_file") == 2
         mapped = live(fake, tmp_path, particles=None, model_dir=tiny_model_dir,
                       path_map=[f"/nowhere/CS-proj={fake.project_dir}"], download="never")
         assert all(str(m.path).startswith(str(fake.project_dir)) for m in mapped.micrographs)
@@ -114,6 +124,7 @@ def test_micrographs_are_downloaded_when_the_project_is_not_mounted(tmp_path, mo
 def test_error_mid_run_ends_the_job_failed_with_the_reason(cryosparc_inprocess, tmp_path, tiny_model_dir):
     fake = cryosparc_inprocess
     seed_scene(fake)
+    fake.output_fields["location"].append(("future_field", "f4"))  # announced, unknown to us: warned about
     fake.fail_next("jobs.save_output", 500, "disk full")
     with pytest.raises(JobFailed, match=r"job J3 failed: disk full \(HTTP 500\)") as err:
         live(fake, tmp_path, model_dir=tiny_model_dir)
@@ -121,6 +132,7 @@ def test_error_mid_run_ends_the_job_failed_with_the_reason(cryosparc_inprocess, 
     failed = fake.job("J3")
     assert failed.status == "failed" and "disk full" in failed.errors_run[-1].message
     assert any(e.type == "error" and e.text.startswith("Error:") for e in fake.events("J3"))
+    assert any(e.type == "warning" and "location/future_field" in e.text for e in fake.events("J3"))
 
 
 def test_setup_error_ends_the_new_job_failed(cryosparc_inprocess, tmp_path):

@@ -10,7 +10,8 @@ _EXPORTS = {
     "pick_offline": "offline", "OfflineRun": "offline", "read_output": "offline",
     "connect": "connect", "CryoSPARCError": "connect",
 }
-__all__ = sorted(_EXPORTS)
+__all__ = ["CryoSPARCError", "JobFailed", "LiveRun", "OfflineRun", "connect", "pick_live", "pick_offline",
+           "read_output", "run_live"]
 
 
 def __getattr__(name):

@@ -179,7 +179,7 @@ def _live(args) -> int:
         return EXIT_FAILED
     except (InputError, Aborted, KeyboardInterrupt):
         raise
-    except Exception as exc:  # noqa: BLE001 (e.g. the connection dropped): one line, not a traceback
+    except Exception as exc:  # e.g. the connection dropped before a job existed: one line, not a traceback
         _error(error_text(exc))
         return EXIT_FAILED
     print(f"{run.job_uid}: saved {len(run.particles)} particles on {len(run.result.counts)} micrographs as output "

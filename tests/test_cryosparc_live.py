@@ -208,7 +208,6 @@ def test_version_mismatch_is_an_error_with_the_pip_command(cryosparc_inprocess):
     fake.version = "v5.1.2"
     with pytest.raises(CryoSPARCError, match=r"pip install --force cryosparc-tools~=5\.1\.0"):
         connect(fake.base_url, email=fake.email, password=fake.password)
-    cs = None
     fake.version = "v5.0.3"
     cs = fake.connect()
     fake.version = "v4.7.1"  # a client made elsewhere is checked too

@@ -79,21 +79,37 @@ class TrainConfig:
 
 @dataclass
 class CRFConfig:
-    kind: str = "none"  # none | standard (intensity guide) | cd (CNN features guide)
+    """Dense CRF (see :mod:`crisp_ext.crf`). Defaults measured on synthetic maps at the working scale (particle
+    diameter D ≈ 24 px, unary logits ≈ ±3; ``benchmarks/bench_crf.py --tune``), not yet on real data."""
+
+    kind: str = "none"  # none | standard (micrograph intensity guide) | cd (CNN guide, see cd_guide)
     solver: str = "fw"  # mf (mean field) | fw (regularised Frank-Wolfe)
     iterations: int = 5
-    theta_alpha: float = 8.0  # appearance kernel, positional std (working px)
-    theta_beta: float = 0.5  # appearance kernel, feature std (features are normalised)
-    theta_gamma: float = 1.5  # smoothness kernel, positional std (working px)
-    spatial_weight: float = 1.0
-    bilateral_weight: float = 1.0
+    theta_alpha: float = 4.0  # appearance kernel, positional std (working px); ≈ D/6, best of {4, 8, 16}
+    theta_beta: float = 1.0  # appearance kernel, guide std (guides standardised or unit vectors); best of
+    # {0.25, 0.5, 1} over both guides: neutral with the logit guide, where 0.5 already keeps holes open
+    theta_gamma: float = 3.0  # smoothness kernel, positional std (working px); ≈ D/8, best of {1..6}
+    spatial_weight: float = 4.0  # Potts weight in logit units (0 = kernel off); learned when fine-tuning
+    bilateral_weight: float = 1.0  # appearance kernel Potts weight (0 = kernel off)
     fw_lambda: float = 1.0
     fw_stepsize: float = 1.0
-    x0_weight: float = 0.5  # output mixes this fraction of the CNN's probabilities (paper: 0.5)
+    # The output mixes this fraction of the CNN's probabilities (paper: 0.5). p >= x0_weight * sigmoid(u), so at
+    # 0.5 the CRF cannot remove a confident false positive; a non-zero value keeps a gradient to every pixel.
+    x0_weight: float = 0.25
     finetune_epochs: int = 10
     lr_cnn: float = 1e-5
     lr_crf: float = 1e-3
-    feature_channels: int = 4  # cd: decoder features projected to this many channels
+    # cd with cd_guide = features: decoder features projected to this many channels. 1 (a learned scalar guide)
+    # uses the accurate bilateral grid; more channels use the coarser, 2-3x slower window (bench_crf.py).
+    feature_channels: int = 1
+    compatibility: str = "class"  # class (two Potts weights per kernel, class-dependent) | potts (one)
+    fw_scheme: str = "fixed"  # fw step: fixed (fw_stepsize) | standard (2 / (t + 2))
+    fw_regularizer: str = "l2"  # fw: l2 (sparsemax steps, exact 0/1) | entropy (sigmoid steps)
+    learn_bandwidths: bool = False  # learn log theta_alpha/beta/gamma too (appearance then uses the window)
+    appearance: str = "auto"  # auto (grid for a 1-channel guide, window otherwise) | grid | window
+    window_stride: int = 0  # window backend cell size in px; 0 = round(theta_alpha / 2)
+    cd_guide: str = "logits"  # cd: logits (the original's choice) | features (decoder maps, learnable 1x1 conv)
+    detach_guide: bool = True  # no gradient into the network through the guide (as the original)
 
 
 @dataclass
@@ -140,7 +156,7 @@ class PickerConfig:
                                 loss="dice", augment=False, early_stop_patience=20, bf16=False)
         cfg.preprocess = PreprocessConfig(target_diameter_px=108.0, normalise="gmm")
         cfg.crf = CRFConfig(kind="cd", solver="fw", theta_alpha=160.0, theta_beta=0.05, theta_gamma=3.0,
-                            finetune_epochs=50)
+                            spatial_weight=1.0, bilateral_weight=1.0, x0_weight=0.5, finetune_epochs=50)
         cfg.predict = PredictConfig(tile=512, overlap=64)
         return cfg
 

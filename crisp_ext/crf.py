@@ -264,7 +264,7 @@ class CRFSegmenter(nn.Module):
     the CRF). ``forward(image [B,1,H,W]) -> refined logits [B,1,H,W]``.
     """
 
-    def __init__(self, model: nn.Module, crf: DenseCRF, guide: str = "logits", feature_channels: int = 4,
+    def __init__(self, model: nn.Module, crf: DenseCRF, guide: str = "logits", feature_channels: int = 1,
                  detach_guide: bool = True):
         super().__init__()
         self.model = model

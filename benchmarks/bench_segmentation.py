@@ -12,7 +12,7 @@ simulated once and the rest are shifted copies with fresh noise.
   and extrapolates to the config's epoch count (said so in the output).
 * pick: ``predict_many`` over ``--pick`` micrograph files with the config's DataLoader workers: read + bin +
   normalise + tiled prediction; centre finding is not included. Micrographs per second over the whole run (the
-  first load included) and peak resident memory of the process and its workers together (sampled every 20 ms).
+  first load included) and peak memory (PSS) of the process and its workers together (sampled every 20 ms).
 * paper config on CPU: one training step (batch of 8 × 512², after a warm-up step) and one 512² tile are timed and
   extrapolated to 16 + 6 micrographs and 50 epochs at the paper's scale (no binning: 81 tiles per 4096²
   micrograph); the CRF fine-tuning phase is not included.
@@ -43,11 +43,13 @@ DIAMETER = 108.0
 # -- memory --------------------------------------------------------------------------------------------------------
 
 
-def _rss_kb(pid: int) -> int:
+def _pss_kb(pid: int) -> int:
+    """Proportional set size: shared pages (a forked worker's copy-on-write memory) are split between the
+    processes that share them, so the sum over processes is the memory really in use."""
     try:
-        with open(f"/proc/{pid}/status") as f:
+        with open(f"/proc/{pid}/smaps_rollup") as f:
             for line in f:
-                if line.startswith("VmRSS:"):
+                if line.startswith("Pss:"):
                     return int(line.split()[1])
     except OSError:
         pass
@@ -70,7 +72,7 @@ def _descendants(pid: int) -> list[int]:
 
 
 class PeakMemory:
-    """Samples the resident memory of this process plus its descendants (DataLoader workers)."""
+    """Samples the memory (PSS) of this process plus its descendants (DataLoader workers)."""
 
     def __init__(self, interval: float = 0.02):
         self.interval = interval
@@ -81,7 +83,7 @@ class PeakMemory:
     def _run(self):
         me = os.getpid()
         while not self._stop.is_set():
-            total = _rss_kb(me) + sum(_rss_kb(p) for p in _descendants(me))
+            total = _pss_kb(me) + sum(_pss_kb(p) for p in _descendants(me))
             self.peak_kb = max(self.peak_kb, total)
             self._stop.wait(self.interval)
 

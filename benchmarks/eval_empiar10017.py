@@ -87,9 +87,17 @@ def main(argv=None) -> int:
     predict_cpu = (time.process_time() - c0) / len(test)
     scores = evaluate_maps(probs, [plain for _, plain in test])
     per_mic = [evaluate_maps([p], [plain]) for p, (_, plain) in zip(probs, test)]
+    # the last epoch's weights too: does choosing the best validation epoch help?
+    import torch
+
+    last = torch.load(args.out / "checkpoint.pt", map_location="cpu", weights_only=False)
+    result.model.load_state_dict(last["model"])
+    last_scores = evaluate_maps([predict_map(result.model, item.image, cfg.predict) for item, _ in test],
+                                [plain for _, plain in test])
     report = {
         "overrides": overrides,
         "test_pooled": scores,
+        "test_last_epoch": last_scores,
         "test_mean_iou": float(np.mean([m["iou"] for m in per_mic])),
         "test_mean_f1": float(np.mean([m["f1"] for m in per_mic])),
         "best_epoch": result.best_epoch,

@@ -52,6 +52,9 @@ class ModelConfig:
     encoder_depth: int = 5
     decoder_channels: list[int] = field(default_factory=lambda: [256, 128, 64, 32, 16])
     extra: dict[str, Any] = field(default_factory=dict)  # further smp keyword arguments for the architecture
+    # Batch-norm momentum for every BN layer (None = the encoder's own). Some encoders (smp's efficientnet-*) use
+    # 0.01, whose running statistics lag far behind the weights in a short training run.
+    bn_momentum: float | None = 0.1
 
 
 @dataclass
@@ -59,6 +62,8 @@ class TrainConfig:
     epochs: int = 50
     patch_size: int = 256  # working pixels
     patches_per_micrograph: int = 4  # per epoch, as in the paper
+    # ... but at least this many patches per epoch in all (more per micrograph when there are few micrographs)
+    min_patches_per_epoch: int = 64
     batch_size: int = 8
     lr: float = 1e-3
     weight_decay: float = 0.0
@@ -151,13 +156,16 @@ class PickerConfig:
         """The published CRISP recipe (GPU): U-Net++ / EfficientNet-b5, 512² patches, Dice, Adam 1e-3, one-cycle,
         50 epochs, CD-CRF with Frank-Wolfe, at a scale where the particle is large (≈ 108 px on EMPIAR-10017)."""
         cfg = cls()
-        cfg.model = ModelConfig(arch="unetplusplus", encoder="timm-efficientnet-b5")
-        cfg.train = TrainConfig(epochs=50, patch_size=512, patches_per_micrograph=4, batch_size=8, lr=1e-3,
+        # The paper started from ImageNet weights: set model.encoder_weights = "imagenet" (or a local file) where
+        # they can be had; None here so that nothing is downloaded unasked.
+        cfg.model = ModelConfig(arch="unetplusplus", encoder="timm-efficientnet-b5", bn_momentum=None)
+        cfg.train = TrainConfig(epochs=50, patch_size=512, patches_per_micrograph=4, min_patches_per_epoch=0,
+                                batch_size=8, lr=1e-3,
                                 loss="dice", augment=False, early_stop_patience=20, bf16=False)
         cfg.preprocess = PreprocessConfig(target_diameter_px=108.0, normalise="gmm")
         cfg.crf = CRFConfig(kind="cd", solver="fw", theta_alpha=160.0, theta_beta=0.05, theta_gamma=3.0,
                             spatial_weight=1.0, bilateral_weight=1.0, x0_weight=0.5, finetune_epochs=50)
-        cfg.predict = PredictConfig(tile=512, overlap=64)
+        cfg.predict = PredictConfig(tile=512, overlap=64, bf16=False)
         return cfg
 
     def to_dict(self) -> dict[str, Any]:

@@ -63,6 +63,11 @@ def build_model(cfg: ModelConfig) -> nn.Module:
         raise
     if local:
         load_encoder_weights(model.encoder, Path(str(weights)))
+    momentum = getattr(cfg, "bn_momentum", None)
+    if momentum is not None:
+        for module in model.modules():
+            if isinstance(module, nn.modules.batchnorm._BatchNorm):
+                module.momentum = float(momentum)
     return model
 
 

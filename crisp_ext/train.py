@@ -1,7 +1,8 @@
 """Training of the segmentation network on a handful of labelled micrographs.
 
-Each epoch draws ``patches_per_micrograph`` random square patches from every training micrograph (flips, 90°
-rotations and intensity jitter when ``augment``), in shuffled batches; Adam with a one-cycle schedule stepped per
+Each epoch draws ``patches_per_micrograph`` random square patches from every training micrograph (more when
+needed to reach ``min_patches_per_epoch`` in all; flips, 90° rotations and intensity jitter when ``augment``), in
+shuffled batches; Adam with a one-cycle schedule stepped per
 batch. After each epoch (every ``val_every``) the whole validation micrographs are predicted with the tiled
 predictor and scored (pixel IoU / F1 at 0.5, soft Dice; ignored pixels left out); early stopping watches
 ``monitor``. The best weights are copied (not referenced) and restored at the end.
@@ -297,7 +298,8 @@ def train_model(train: list[LabeledImage], val: list[LabeledImage], cfg: PickerC
     multiple = size_multiple(model)
     patch = int(np.ceil(tcfg.patch_size / multiple) * multiple)
     sampler = _PatchSampler(train, patch, bool(tcfg.augment), tcfg.jitter if tcfg.augment else 0.0)
-    n_patches = len(train) * int(tcfg.patches_per_micrograph)
+    per_image = max(int(tcfg.patches_per_micrograph), -(-int(tcfg.min_patches_per_epoch) // len(train)))
+    n_patches = len(train) * per_image
     steps = int(np.ceil(n_patches / tcfg.batch_size))
     phase_names = ["cnn"] + (["crf"] if cfg.crf.kind != "none" and cfg.crf.finetune_epochs > 0 else [])
 
@@ -340,7 +342,7 @@ def train_model(train: list[LabeledImage], val: list[LabeledImage], cfg: PickerC
             _save({"phase": name, "epoch": 0, "metric": best_metric, "state": best_state}, out_dir / "best.pt")
         for epoch in range(start, phase.epochs + 1):
             t0 = time.perf_counter()
-            row = _run_epoch(phase, epoch, sampler, loss_fn, cfg, device, should_abort)
+            row = _run_epoch(phase, epoch, sampler, per_image, loss_fn, cfg, device, should_abort)
             t1 = time.perf_counter()
             last = epoch == phase.epochs
             if val and (epoch % max(1, tcfg.val_every) == 0 or last):
@@ -390,13 +392,13 @@ def train_model(train: list[LabeledImage], val: list[LabeledImage], cfg: PickerC
                        earlier + time.perf_counter() - t_start, device, ckpt is not None)
 
 
-def _run_epoch(phase: _Phase, epoch: int, sampler: _PatchSampler, loss_fn, cfg: PickerConfig,
+def _run_epoch(phase: _Phase, epoch: int, sampler: _PatchSampler, per_image: int, loss_fn, cfg: PickerConfig,
                device: torch.device, should_abort) -> dict:
     tcfg = cfg.train
     seed = [int(tcfg.seed), phase.index, epoch]
     rng = np.random.default_rng(seed)
     torch.manual_seed(int(np.random.SeedSequence(seed).generate_state(1)[0]))
-    patches = sampler.epoch(rng, int(tcfg.patches_per_micrograph))
+    patches = sampler.epoch(rng, per_image)
     module = phase.module
     module.train()
     channels_last = bool(tcfg.channels_last)

@@ -18,7 +18,7 @@ def tiny_config(epochs: int = 3) -> PickerConfig:
     cfg.model = ModelConfig(arch="unet", encoder="tu-test_resnet", encoder_depth=3, decoder_channels=[16, 8, 8])
     t = cfg.train
     t.epochs, t.patch_size, t.batch_size, t.patches_per_micrograph = epochs, 48, 4, 4
-    t.lr, t.threads, t.early_stop_patience, t.device = 1e-2, 1, 0, "cpu"
+    t.lr, t.threads, t.early_stop_patience, t.device, t.min_patches_per_epoch = 1e-2, 1, 0, "cpu", 0
     cfg.predict.tile, cfg.predict.overlap, cfg.predict.bf16 = 64, 16, False
     return cfg
 

@@ -246,8 +246,8 @@ def _log(message: str) -> None:
 
 
 def _is_model_dir(path: Path) -> bool:
-    """A model directory left by an earlier run of this job (complete: it has its weights and config)."""
-    return path.is_dir() and any(path.glob("*.pt")) and any(path.glob("config.*"))
+    """A complete model directory left by an earlier run (``model.json`` is written last)."""
+    return (path / "model.json").is_file()
 
 
 def _reference(opts: Options, particles, log):
@@ -298,6 +298,10 @@ def run_job(opts: Options, job: JobDir, log=_log) -> dict:
         raise Aborted(f"{job.o}RELION_JOB_ABORT_NOW exists (remove it to run again)")
     nodes.remove_output_nodes(job.o)
     cfg = build_config(opts)
+    if opts.threads:  # RELION's --j; training sets it again, picking with a loaded model relies on this
+        import torch
+
+        torch.set_num_threads(opts.threads)
     mics = check_micrographs(read_micrographs(opts.in_mics), opts.in_mics)
     coord = {m.id: nodes.coordinate_file(job.o, m.id, opts.pickname) for m in mics}
     log(f"{len(mics)} micrograph(s) in {opts.in_mics}")

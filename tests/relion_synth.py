@@ -126,3 +126,11 @@ def match(pred: np.ndarray, truth: np.ndarray, radius: float) -> np.ndarray:
             used_t.add(j)
             out.append(dist)
     return np.array(out)
+
+
+# Model and training settings that train in seconds on a 2-core CPU (passed to crisp-relion as its 'set' parameter).
+TINY_SETTINGS = ",".join([
+    "model.arch=unet", "model.encoder=tu-resnet10t", "model.encoder_depth=3",
+    "model.decoder_channels=32,16,8", "preprocess.target_diameter_px=12", "train.patch_size=64",
+    "train.patches_per_micrograph=16", "train.lr=0.003", "train.epochs=8", "centres.finder=nms", "predict.workers=0",
+])

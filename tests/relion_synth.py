@@ -128,9 +128,11 @@ def match(pred: np.ndarray, truth: np.ndarray, radius: float) -> np.ndarray:
     return np.array(out)
 
 
-# Model and training settings that train in seconds on a 2-core CPU (passed to crisp-relion as its 'set' parameter).
+# Model and training settings that train in about 15 s on one CPU thread (crisp-relion's 'set' parameter); fewer
+# epochs left some seeds under-trained (picks off by 4-5 px). Run with --j 1: on a busy machine two OpenMP threads
+# per process were 5-20x slower than one.
 TINY_SETTINGS = ",".join([
     "model.arch=unet", "model.encoder=tu-resnet10t", "model.encoder_depth=3",
-    "model.decoder_channels=32,16,8", "preprocess.target_diameter_px=12", "train.patch_size=64",
-    "train.patches_per_micrograph=16", "train.lr=0.003", "train.epochs=8", "centres.finder=nms", "predict.workers=0",
+    "model.decoder_channels=32,16,8", "preprocess.target_diameter_px=16", "train.patch_size=64",
+    "train.patches_per_micrograph=16", "train.lr=0.003", "train.epochs=25", "predict.workers=0",
 ])

@@ -17,6 +17,16 @@ import relion_synth as rs
 O = "External/job004/"
 
 
+@pytest.fixture(autouse=True)
+def _keep_torch_threads():
+    """crisp-relion sets torch's thread count for its process (--j); give the rest of the test session its own."""
+    import torch
+
+    n = torch.get_num_threads()
+    yield
+    torch.set_num_threads(n)
+
+
 @pytest.fixture()
 def project(tmp_path, monkeypatch):
     """Three small micrographs, a micrographs STAR and a curated particles STAR, cwd = project directory."""

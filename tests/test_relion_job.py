@@ -30,6 +30,16 @@ _rlnJobIsTomo                           0
 """
 
 
+@pytest.fixture(autouse=True)
+def _keep_torch_threads():
+    """crisp-relion sets torch's thread count for its process (--j); give the rest of the test session its own."""
+    import torch
+
+    n = torch.get_num_threads()
+    yield
+    torch.set_num_threads(n)
+
+
 def _job_star(root: Path, o: str, version: str, cont: int) -> None:
     (root / o).mkdir(parents=True, exist_ok=True)
     (root / o / "job.star").write_text(JOB_STAR.format(header=50001 if version == "5" else 30001, cont=cont))
@@ -37,7 +47,7 @@ def _job_star(root: Path, o: str, version: str, cont: int) -> None:
 
 def _args(project, o=O, *extra):
     return ["--o", o, "--in_mics", project.mics_star, "--in_parts", project.parts_star, "--diameter", "84",
-            "--set", rs.TINY_SETTINGS, "--save_maps", "--j", "2", *extra]
+            "--set", rs.TINY_SETTINGS, "--save_maps", "--j", "1", *extra]
 
 
 @pytest.fixture(scope="module")
@@ -48,12 +58,16 @@ def trained(tmp_path_factory):
     rs.write_micrographs_star(p, "CtfFind/job003/micrographs_ctf.star")
     rs.write_particles_star(p, "Select/job010/particles.star", on=p.names[:3])
     _job_star(root, O, "4", 0)
+    import torch
+
+    threads = torch.get_num_threads()
     mp = pytest.MonkeyPatch()
     mp.chdir(root)
     try:
         rc = main(_args(p))
     finally:
         mp.undo()
+        torch.set_num_threads(threads)
     assert rc == 0
     return p
 
@@ -95,13 +109,13 @@ def test_outputs_relion4(trained):
         c = _coords(root / f)
         assert (c[:, 0] >= 0).all() and (c[:, 0] < 384).all() and (c[:, 1] >= 0).all() and (c[:, 1] < 384).all()
         assert (c[:, 2] >= -5).all() and (c[:, 2] <= 10).all() and (c[:, 3] == 0).all() and (c[:, 4] == 0).all()
-        d = rs.match(c[:, :2], trained.truth[name], radius=0.25 * 28)
+        d = rs.match(c[:, :2], trained.truth[name], radius=0.5 * 28)
         found += len(d)
         total += len(trained.truth[name])
         prob = root / O / "Movies" / (Path(name).stem + "_probability.mrc")
         with mrcfile.open(prob) as m:
             assert m.data.ndim == 2 and 0 <= float(m.data.min()) and float(m.data.max()) <= 1
-    assert found / total >= 0.8, f"recall {found}/{total}"
+    assert found / total >= 0.9, f"recall {found}/{total}"
     assert (job / "model" / "model.json").is_file()
     assert list((job / "plots").glob("picks_*.png"))
     summary = json.loads((job / "summary.json").read_text())
@@ -132,7 +146,7 @@ def test_continue_picks_only_what_is_missing(project, capsys):
 def test_model_reuse_in_a_new_job_relion5(project, capsys):
     o = "External/job005/"
     _job_star(project.root, o, "5", 0)
-    args = ["--o", o, "--in_mics", project.mics_star, "--model", O + "model", "--pickname", "crisp", "--j", "2"]
+    args = ["--o", o, "--in_mics", project.mics_star, "--model", O + "model", "--pickname", "crisp", "--j", "1"]
     assert main(args) == 0
     job = project.root / o
     text = (job / "RELION_OUTPUT_NODES.star").read_text()
@@ -164,7 +178,7 @@ def test_abort_between_micrographs(project, capsys):
     watcher = threading.Thread(target=watch)
     watcher.start()
     try:
-        rc = main(["--o", o, "--in_mics", project.mics_star, "--model", O + "model", "--j", "2"])
+        rc = main(["--o", o, "--in_mics", project.mics_star, "--model", O + "model", "--j", "1"])
     finally:
         watcher.join()
     assert rc != 0

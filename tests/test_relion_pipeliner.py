@@ -62,7 +62,7 @@ except Exception as exc:
 
 
 def _pipeliner(root: Path, *args: str, timeout: float = 60) -> str:
-    env = dict(os.environ, OMP_NUM_THREADS="2")
+    env = dict(os.environ, OMP_NUM_THREADS="1")
     proc = subprocess.Popen(["relion_pipeliner", *args], cwd=root, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                             text=True, env=env, start_new_session=True)
     try:
@@ -114,7 +114,7 @@ def relion_run(tmp_path_factory):
          param1_value=str(tools / "defocus.json"), nr_threads="1")
     _add(root, "External", fn_exe=exe, in_mic="External/job002/micrographs_ctf.star",
          in_part="Select/job010/particles.star", param1_label="diameter", param1_value=str(rs.DIAMETER_A),
-         param2_label="set", param2_value=rs.TINY_SETTINGS, nr_threads="2")
+         param2_label="set", param2_value=rs.TINY_SETTINGS, nr_threads="1")
     _add(root, "Extract", star_mics="External/job002/micrographs_ctf.star",
          coords_suffix="External/job003/coords_suffix_autopick.star", extract_size=str(BOX), do_invert="Yes",
          do_norm="Yes", bg_diameter="36", nr_mpi="1")
@@ -160,12 +160,13 @@ def test_extracted_boxes_are_centred_on_the_particles(relion_run):
     for name in project.names:
         sel = parts[parts["rlnMicrographName"] == name]
         d = rs.match(sel[["rlnCoordinateX", "rlnCoordinateY"]].to_numpy(float), project.truth[name],
-                     radius=0.25 * rs.DIAMETER_A / rs.PIXEL_SIZE)
+                     radius=0.5 * rs.DIAMETER_A / rs.PIXEL_SIZE)
         found += len(d)
         total += len(project.truth[name])
         dist += list(d)
-    assert found / total >= 0.85, f"recall {found}/{total}"
-    assert np.median(dist) <= 3.0
+    assert found / total >= 0.9 and found / len(parts) >= 0.9, f"{found} matched, {total} true, {len(parts)} picked"
+    # A perfect picker is ~2 px from the simulator's centres (asymmetric particles: the density centroid moves).
+    assert np.median(dist) <= 4.0, np.median(dist)
     # The boxes RELION cut (inverted: particles bright) average to a blob centred in the box.
     stacks = {}
     for image_name in parts["rlnImageName"]:
@@ -181,4 +182,4 @@ def test_extracted_boxes_are_centred_on_the_particles(relion_run):
     assert contrast > 4 * mean[ring].std(), (contrast, mean[ring].std())  # a blob, not averaged noise
     w = np.clip(mean - mean[ring].mean(), 0, None)
     cy, cx = (w * yy).sum() / w.sum(), (w * xx).sum() / w.sum()
-    assert abs(cx - BOX / 2) < 1.5 and abs(cy - BOX / 2) < 1.5, (cx, cy)
+    assert abs(cx - BOX / 2) < 2.5 and abs(cy - BOX / 2) < 2.5, (cx, cy)

@@ -327,7 +327,10 @@ def prepare_picker(
     timings: dict[str, float] = {}
     validation: dict = {}
     if model_dir is not None:
-        loaded = load_model_dir(model_dir)
+        from .train import configure_threads, resolve_device
+
+        configure_threads(config.train.threads)
+        loaded = load_model_dir(model_dir, device=resolve_device(config.train.device))
         model, info = loaded.model, loaded.info
         cfg = _picking_config(loaded.config, config, info)
         model_dir = Path(model_dir)
@@ -358,11 +361,13 @@ def pick(
 ) -> PipelineResult:
     """Pick every micrograph not skipped with a prepared picker."""
     from .predict import predict_many
+    from .train import configure_threads
 
     progress = progress or silent
     should_abort = should_abort or (lambda: False)
     work_dir = Path(work_dir)
     cfg = picker.config
+    configure_threads(cfg.train.threads)
     micrographs = list(micrographs)
     micrographs_by_id(micrographs)
     timings = dict(picker.timings)

@@ -3,7 +3,8 @@
 Micrographs: a directory of MRC files, a glob, or a RELION micrographs STAR. Picks: a folder of per-micrograph
 coordinate files (STAR/box/CSV, matched to micrographs by name) or a RELION particles STAR. Coordinates everywhere
 are pixels of the micrograph, x = column, y = row, origin at the first array element (use ``--flip-y`` for files
-written y-up, e.g. CryoPPP STAR converted without ``--inverty``).
+written y-up, e.g. CryoPPP STAR converted without ``--inverty``). With ``--mask``/``--map`` and a particles STAR
+with angles, training labels are the 3D mask's projections at each particle's pose instead of disks.
 
 Heavy imports (torch, smp) happen only inside the subcommands, so ``--help`` is instant.
 """
@@ -61,6 +62,12 @@ def _add_training(p: argparse.ArgumentParser) -> None:
     p.add_argument("--train-mics", help="micrograph names to train on (comma separated or @file)")
     p.add_argument("--val-mics", help="micrograph names to validate on (comma separated or @file)")
     p.add_argument("--epochs", type=int, help="training epochs (shortcut for --set train.epochs=N)")
+    ref = p.add_mutually_exclusive_group()
+    ref.add_argument("--mask", type=Path, help="3D mask (MRC) of the particle: with --picks a particles STAR with "
+                                               "angles (e.g. Refine3D run_data.star), labels are its projections at "
+                                               "each particle's pose instead of disks")
+    ref.add_argument("--map", type=Path, help="3D map (MRC) to make that mask from (thresholded and dilated)")
+    p.add_argument("--map-pixel-size", type=float, help="pixel size of --mask/--map in Å/px (default: its header)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -205,6 +212,9 @@ def _inputs(args, cfg, need_picks: bool):
                 ps = micrograph_pixel_size(m, cfg)
                 if ps:
                     pixel_sizes[m.id] = ps
+            if len(pixel_sizes) == len(mics) and len(set(pixel_sizes.values())) == 1:
+                # one pixel size: no need to match the STAR's micrograph names (paths) to ids (file stems here)
+                pixel_sizes = next(iter(pixel_sizes.values()))
         picks = read_picks(args.picks, mics, flip_y=args.flip_y, micrograph_pixel_size=pixel_sizes)
         if len(picks) == 0:
             from .errors import InputError
@@ -219,6 +229,28 @@ def _inputs(args, cfg, need_picks: bool):
 
         raise InputError("give the particle diameter: --diameter 190A (Å) or --diameter 27px (pixels)")
     return mics, picks
+
+
+def _reference(args, picks):
+    """The 3D mask/map of ``--mask``/``--map`` for labels by reprojection (None when not given or not usable)."""
+    source = getattr(args, "mask", None) or getattr(args, "map", None)
+    if source is None:
+        return None
+    from .errors import InputError
+    from .footprints import read_reference
+
+    flag = "--mask" if args.mask else "--map"
+    if getattr(args, "model", None):
+        print(f"crisp-ext: {flag} {source} is not used: picking with the trained model {args.model}", flush=True)
+        return None
+    if picks is None or not picks.has_poses:
+        print(f"crisp-ext: {flag} {source} is not used: the picks carry no angles (give a particles STAR with "
+              f"rlnAngleRot/Tilt/Psi, e.g. Refine3D run_data.star); training on disk labels", flush=True)
+        return None
+    if args.flip_y:
+        raise InputError(f"--flip-y mirrors the particles, so their angles no longer fit {flag} {source}; give the "
+                         f"particles STAR in the micrographs' own frame")
+    return read_reference(source, pixel_size=args.map_pixel_size, is_mask=bool(args.mask))
 
 
 def _ids_for(names, mics):
@@ -252,11 +284,12 @@ def _cmd_train(args) -> int:
     out.mkdir(parents=True, exist_ok=True)
     save_config(cfg, out / "config.toml")
     t0 = time.perf_counter()
-    trained = prepare_picker(mics, cfg, work_dir=out, particles=picks,
+    trained = prepare_picker(mics, cfg, work_dir=out, particles=picks, reference=_reference(args, picks),
                              train_ids=_ids_for(_names(args.train_mics), mics),
                              val_ids=_ids_for(_names(args.val_mics), mics), progress=_progress(args))
     v = trained.validation.get("picking", {})
-    print(f"model written to {trained.model_dir}  ({time.perf_counter() - t0:.0f} s)")
+    print(f"model written to {trained.model_dir}  ({time.perf_counter() - t0:.0f} s); labels: "
+          f"{trained.info.get('labels', '?')}")
     if v:
         print(f"validation: precision {v['precision']:.3f}  recall {v['recall']:.3f}  F1 {v['f1']:.3f}  "
               f"AP {v['ap']:.3f}  (finder {trained.finder}, threshold {trained.threshold:.3g})")
@@ -297,7 +330,7 @@ def _cmd_pick(args) -> int:
     def on_picked(m, p):
         write_coordinates(coord_path(m), p.xy, figure_of_merit(p.score, state["threshold"]))
 
-    result = run(mics, cfg, work_dir=out, particles=picks, model_dir=args.model,
+    result = run(mics, cfg, work_dir=out, particles=picks, model_dir=args.model, reference=_reference(args, picks),
                  train_ids=_ids_for(_names(args.train_mics), mics), val_ids=_ids_for(_names(args.val_mics), mics),
                  skip=skip, on_ready=on_ready, on_picked=on_picked, progress=_progress(args),
                  map_path=lambda m: out / "maps" / f"{m.name}_probability.mrc")

@@ -33,7 +33,9 @@ class PreprocessConfig:
 
 @dataclass
 class LabelConfig:
-    kind: str = "disk"  # disk | reprojection
+    # auto: reprojection of a 3D mask/map when one is given and the particles carry angles, else disk (the kind
+    # used is resolved at training and recorded in the model directory) | disk | reprojection
+    kind: str = "auto"
     disk_fraction: float = 1.0  # label disk diameter as a fraction of the particle diameter
     # Curated sets are incomplete: pixels farther than ``ignore_far`` diameters from any pick are weighted by
     # ``background_weight`` (1 = plain labels). ``ignore_band`` (in diameters) around each disk is not scored.

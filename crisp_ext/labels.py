@@ -3,6 +3,7 @@
 ``kind = "disk"``: a disk of ``disk_fraction * diameter`` at every centre; a pixel belongs to it when the pixel's
 centre (integer row/column) lies within the radius of the (sub-pixel) pick. ``kind = "reprojection"``: given binary
 footprints (one per centre, odd-sized, centred) are pasted with :func:`crisp_ext.reprojection.paste_footprints`.
+``kind = "auto"``: footprints when given, else disks.
 
 Curated pick sets are incomplete, so a plain label map teaches the network that unpicked particles are background.
 Two remedies, both in the weight map (0 = pixel not scored):
@@ -91,11 +92,11 @@ def make_labels(shape: tuple[int, int], centres_xy, diameter_px: float, cfg: Lab
     centres = np.asarray(centres_xy, dtype=np.float64).reshape(-1, 2)
     if not diameter_px or diameter_px <= 0:
         raise InputError(f"particle diameter must be positive for labels (got {diameter_px} working px)")
-    if cfg.kind == "disk":
+    if cfg.kind == "disk" or (cfg.kind == "auto" and footprints is None):
         if cfg.disk_fraction <= 0:
             raise InputError(f"labels.disk_fraction must be positive (got {cfg.disk_fraction})")
         fg = disk_mask(shape, centres, 0.5 * cfg.disk_fraction * diameter_px)
-    elif cfg.kind == "reprojection":
+    elif cfg.kind in ("reprojection", "auto"):
         if footprints is None:
             raise InputError("labels.kind = 'reprojection' needs particle footprints (poses and a 3D mask); "
                              "give a reference mask or use labels.kind = 'disk'")
@@ -103,7 +104,7 @@ def make_labels(shape: tuple[int, int], centres_xy, diameter_px: float, cfg: Lab
 
         fg = paste_footprints(shape, centres, footprints)
     else:
-        raise InputError(f"unknown label kind {cfg.kind!r} (use disk or reprojection)")
+        raise InputError(f"unknown label kind {cfg.kind!r} (use auto, disk or reprojection)")
     if cfg.ignore_band < 0 or cfg.background_weight < 0 or (cfg.ignore_far is not None and cfg.ignore_far < 0):
         raise InputError("labels.ignore_band, labels.background_weight and labels.ignore_far must not be negative")
 

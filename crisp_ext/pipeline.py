@@ -34,21 +34,13 @@ import numpy as np
 
 from .config import PickerConfig
 from .errors import Aborted, InputError
+from .footprints import FootprintMaker, ReferenceMask, plot_footprints, resolve_label_kind
 from .preprocess import WorkingImage, diameter_in_pixels, load_working
 from .progress import ProgressCallback, ProgressEvent, silent
 from .types import Micrograph, Particles, micrographs_by_id
 
 __all__ = ["run", "prepare_picker", "pick", "Picker", "PipelineResult", "ReferenceMask", "Aborted", "InputError",
            "choose_split", "MicrographLoader"]
-
-
-@dataclass(frozen=True)
-class ReferenceMask:
-    """A 3D mask (or map to be thresholded) for labels by reprojection; ``volume`` is (z, y, x), cubic."""
-
-    volume: np.ndarray
-    pixel_size: float  # Å/px of the volume
-    is_mask: bool = True  # False: a map; it is thresholded and dilated into a mask first
 
 
 @dataclass
@@ -149,36 +141,19 @@ def choose_split(ids_with_picks: Sequence[str], n_train: int, n_val: int, seed: 
 
 # -- training -------------------------------------------------------------------------------------------------------
 
-def _footprints(parts: Particles, reference: ReferenceMask, working_pixel_size: float, scale, cfg: PickerConfig):
-    """Binary footprints of the reference mask at each particle's pose, at the working pixel size."""
-    from . import reprojection as rp
-
-    volume = reference.volume
-    if not reference.is_mask:
-        volume = rp.mask_from_map(volume)
-    size = int(np.ceil(max(volume.shape) * reference.pixel_size / working_pixel_size)) | 1
-    shifts = None  # centres already have the origin offsets applied: project centred
-    projections = rp.project(volume, parts.angles, shifts, size, map_pixel_size=reference.pixel_size,
-                             out_pixel_size=working_pixel_size)
-    return list(rp.threshold(projections, cfg.labels.threshold, cfg.labels.threshold_fraction))
-
-
 def _prepare(mic: Micrograph, parts: Particles, cfg: PickerConfig, loader: MicrographLoader,
-             reference: ReferenceMask | None):
+             footprints: FootprintMaker | None):
     from .labels import make_labels
     from .train import LabeledImage
 
     wi = loader(mic)
     centres = wi.scale.to_working(parts.xy)
     diameter_w = wi.scale.length_to_working(micrograph_diameter(mic, cfg))
-    footprints = None
+    shapes = None
     if cfg.labels.kind == "reprojection":
-        if reference is None or not parts.has_poses:
-            raise InputError("labels.kind = reprojection needs a 3D mask/map and particles with angles; "
-                             "give them or use disk labels")
         ps = wi.pixel_size or micrograph_pixel_size(mic, cfg)
-        footprints = _footprints(parts, reference, ps / wi.scale.factor, wi.scale, cfg)
-    labels = make_labels(wi.image.shape, centres, diameter_w, cfg.labels, footprints=footprints)
+        shapes = footprints(parts.angles, centres, ps / wi.scale.factor if ps else None)
+    labels = make_labels(wi.image.shape, centres, diameter_w, cfg.labels, footprints=shapes)
     return LabeledImage(image=wi.image, labels=labels, name=mic.name, truth_xy=centres), wi
 
 
@@ -194,19 +169,29 @@ def _train(micrographs, by_id, particles: Particles, cfg: PickerConfig, work_dir
     train, val = choose_split(ids_with_picks, cfg.train.n_train, cfg.train.n_val, cfg.train.seed, train_ids, val_ids)
     progress(ProgressEvent("prepare", message=f"training on {len(train)} micrograph(s), validating on {len(val)}; "
                                               f"{len(particles)} picks on {len(ids_with_picks)} micrograph(s)"))
-    if cfg.labels.kind == "auto":
-        use_rep = reference is not None and particles.has_poses
-        cfg = cfg.updated({"labels.kind": "reprojection" if use_rep else "disk"})
+    kind, why = resolve_label_kind(cfg.labels.kind, reference, particles.has_poses)
+    cfg = cfg.updated({"labels.kind": kind})
+    progress(ProgressEvent("prepare", message=f"labels: {why}"))
+    maker = FootprintMaker(reference, cfg.labels, device=None) if kind == "reprojection" else None
     loader = MicrographLoader(cfg)
     t0 = time.perf_counter()
     groups = particles.by_micrograph()
     prepared: dict[str, tuple] = {}
     for i, mid in enumerate(dict.fromkeys(train + val)):
-        prepared[mid] = _prepare(by_id[mid], groups[mid], cfg, loader, reference)
+        prepared[mid] = _prepare(by_id[mid], groups[mid], cfg, loader, maker)
         progress(ProgressEvent("prepare", i + 1, len(set(train + val)), f"labels for {by_id[mid].name}"))
         if should_abort():
             raise Aborted("aborted while preparing training data")
     timings["prepare"] = time.perf_counter() - t0
+    label_info = {"kind": kind, "why": why, **(maker.summary() if maker else {})}
+    if maker is not None:  # a picture for the user to check the footprints against their particles
+        item, wi = prepared[train[0]]
+        plot = plot_footprints(item.image, item.labels.target, item.truth_xy,
+                               wi.scale.length_to_working(micrograph_diameter(by_id[train[0]], cfg)),
+                               work_dir / "plots" / "label_footprints.png",
+                               title=f"{item.name}: labels by reprojection (orange), particle diameter (dashed)")
+        if plot is not None:
+            label_info["plot"] = str(plot)
 
     t0 = time.perf_counter()
     model_dir = work_dir / "model"
@@ -254,6 +239,7 @@ def _train(micrographs, by_id, particles: Particles, cfg: PickerConfig, work_dir
         "pixel_size": float(np.median(pixel_sizes)) if pixel_sizes else None,
         "working_diameter_px": cfg.preprocess.target_diameter_px,
         "labels": cfg.labels.kind,
+        "labels_detail": label_info,
         "crf": cfg.crf.kind,
         "selection": selection.to_dict(),
         "threshold": float(threshold),
@@ -300,6 +286,7 @@ class Picker:
     info: dict = field(default_factory=dict)
     validation: dict = field(default_factory=dict)
     timings: dict = field(default_factory=dict)
+    plots: list = field(default_factory=list)  # PNGs written while training (label footprints)
 
 
 def prepare_picker(
@@ -326,6 +313,7 @@ def prepare_picker(
     by_id = _check_inputs(micrographs, particles, model_dir)
     timings: dict[str, float] = {}
     validation: dict = {}
+    trained = model_dir is None
     if model_dir is not None:
         from .train import configure_threads, resolve_device
 
@@ -343,9 +331,10 @@ def prepare_picker(
     finder = cfg.centres.finder if cfg.centres.finder != "auto" else selection.get("finder", "nms")
     params = dict(cfg.centres.params) if cfg.centres.params else dict(selection.get("params", {}))
     threshold = float(cfg.centres.threshold if cfg.centres.threshold is not None else info.get("threshold", 0.5))
+    plot = info.get("labels_detail", {}).get("plot") if trained else None  # a loaded model's is elsewhere
     return Picker(model=model, config=cfg, model_dir=Path(model_dir), finder=finder, params=params,
                   threshold=threshold, info=info, validation=validation or info.get("validation", {}),
-                  timings=timings)
+                  timings=timings, plots=[Path(plot)] if plot else [])
 
 
 def pick(
@@ -378,7 +367,8 @@ def pick(
     t0 = time.perf_counter()
     all_picks: list[Particles] = []
     counts: dict[str, int] = {}
-    plots: list[Path] = []
+    plots: list[Path] = list(picker.plots)
+    overlays = 0
     loader = MicrographLoader(cfg)
     for i, (mic, wi, prob) in enumerate(predict_many(picker.model, todo, loader, cfg.predict)):
         diameter = micrograph_diameter(mic, cfg)
@@ -389,8 +379,9 @@ def pick(
             target = map_path(mic) if map_path else work_dir / "maps" / f"{mic.name}_probability.mrc"
             write_mrc(target, prob.astype(np.float32),
                       pixel_size=(wi.pixel_size / wi.scale.factor) if wi.pixel_size else None)
-        if len(plots) < 3:
+        if overlays < 3:
             plots.append(_overlay(work_dir, mic, wi, picks, diameter))
+            overlays += 1
         if on_picked:
             on_picked(mic, picks)
         all_picks.append(picks)

@@ -74,6 +74,25 @@ class Phantom:
         return float(np.max(np.linalg.norm(self.centres, axis=1) + 2.5 * self.sigmas))
 
 
+def phantom_volume(phantom: Phantom, diameter_A: float, pixel_size: float, box: int | None = None, *,
+                   mask_level: float | None = None) -> np.ndarray:
+    """The phantom voxelised as a ``(box, box, box)`` ``[z, y, x]`` density map at ``pixel_size`` Å/px (centre at
+    voxel ``box // 2``, particle diameter ``diameter_A``), the volume whose projections the simulator draws.
+    ``box`` defaults to one that holds the phantom; with ``mask_level`` the map is thresholded at that fraction of
+    its maximum into a 0/1 float32 mask (the simulator's footprints use 0.1 of each projection's maximum)."""
+    radius_vox = 0.5 * float(diameter_A) / float(pixel_size)
+    if box is None:
+        box = 2 * int(np.ceil(phantom.extent() * radius_vox)) + 4
+    c = (np.arange(box, dtype=np.float64) - box // 2) / radius_vox  # in particle radii
+    vol = np.zeros((box, box, box), dtype=np.float64)
+    for (cx, cy, cz), s, w in zip(phantom.centres, phantom.sigmas, phantom.weights):
+        gx, gy, gz = (np.exp(-((c - m) ** 2) / (2 * s * s)) for m in (cx, cy, cz))
+        vol += w * gz[:, None, None] * gy[None, :, None] * gx[None, None, :]
+    if mask_level is not None:
+        return (vol > mask_level * vol.max()).astype(np.float32)
+    return vol.astype(np.float32)
+
+
 @dataclass
 class SimulatedMicrograph:
     image: np.ndarray  # float32 (ny, nx), noisy, particles dark

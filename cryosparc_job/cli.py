@@ -40,6 +40,12 @@ def _add_picker_options(p: argparse.ArgumentParser) -> None:
                    help="micrographs to pick, e.g. J8:exposures (output name optional when unambiguous)")
     g.add_argument("--diameter", type=_diameter, help="particle diameter: 190A (or 190) in Å, or 27px")
     g.add_argument("--model", type=Path, help="a trained model directory (skips training)")
+    ref = g.add_mutually_exclusive_group()
+    ref.add_argument("--mask", metavar="JOB[:OUTPUT]|FILE",
+                     help="3D mask for labels by reprojection when the particles carry alignments3D poses: a mask "
+                          "or volume output (e.g. J20:mask, J15:volume for its refinement mask) or an MRC file")
+    ref.add_argument("--volume", metavar="JOB[:OUTPUT]|FILE",
+                     help="3D map to make that mask from (thresholded and dilated), e.g. J15:volume or an MRC file")
     g.add_argument("--config", type=Path, help="picker configuration (TOML, YAML or JSON)")
     g.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="override a config value, e.g. --set train.epochs=20 (repeatable)")
@@ -173,7 +179,7 @@ def _live(args) -> int:
         run = run_live(args.url, args.project, args.workspace, particles=args.particles, exposures=args.exposures,
                        config=cfg, email=args.email, password=_password(args), model_dir=args.model,
                        title=args.title or DEFAULT_TITLE, path_map=args.path_map, download=args.download,
-                       work_dir=args.work_dir, progress=_progress(args))
+                       work_dir=args.work_dir, progress=_progress(args), mask=args.mask, volume=args.volume)
     except JobFailed as exc:
         _error(f"{exc} (the traceback is in the job's event log)")
         return EXIT_FAILED
@@ -192,7 +198,7 @@ def _offline(args) -> int:
 
     run = pick_offline(args.project_dir, args.exposures, args.out, particles=args.particles, config=_config(args),
                        model_dir=args.model, path_map=args.path_map, name=args.name, work_dir=args.work_dir,
-                       progress=_progress(args))
+                       progress=_progress(args), mask=args.mask, volume=args.volume)
     print(f"wrote {len(run.particles)} particles to {run.cs_path} and {run.csg_path}; import {run.csg_path.name} "
           f"with Import Result Group", flush=True)
     return 0

@@ -26,6 +26,8 @@ from .connect import CryoSPARCError, check_version, connect, error_text
 from .files import attach_files
 from .lookup import find_project, find_source, find_workspace
 from .paths import PathMap, locate
+from .reference import INPUT_NAME as REFERENCE_INPUT
+from .reference import find_live_output, parse_reference
 
 DEFAULT_TITLE = "CRISP particle picks"
 MICROGRAPHS_INPUT = "micrographs"
@@ -103,10 +105,14 @@ def pick_live(cs_or_url, project: str, workspace: str, particles=None, exposures
 def run_live(cs_or_url, project: str, workspace: str, *, exposures, particles=None, diameter_A: float | None = None,
              config=None, email: str | None = None, password: str | None = None, model_dir: str | Path | None = None,
              title: str = DEFAULT_TITLE, path_map: Sequence[str] | PathMap = (), download: str = "auto",
-             work_dir: str | Path | None = None, progress: ProgressCallback | None = None) -> LiveRun:
+             work_dir: str | Path | None = None, progress: ProgressCallback | None = None, mask=None,
+             volume=None) -> LiveRun:
     """:func:`pick_live` returning the details.
 
-    ``model_dir``: a trained model directory (then ``particles`` are optional: nothing is trained). ``path_map``:
+    ``model_dir``: a trained model directory (then ``particles`` are optional: nothing is trained). ``mask`` /
+    ``volume``: a 3D mask, or a map to make one from (``"J15:volume"``, ``("J20", "mask")`` or a local MRC file);
+    with particles that carry ``alignments3D`` poses, labels are its projections at each pose (see
+    :mod:`cryosparc_job.reference`). ``path_map``:
     ``["SERVER_PREFIX=LOCAL_PREFIX", ...]`` when the project directory is mounted elsewhere here. ``download``:
     ``auto`` (read mounted files, download the others), ``always`` or ``never``. ``work_dir``: model, plots and
     downloaded micrographs (default ``./crisp-cryosparc/<project>``); this run's files go to ``work_dir/<job>``.
@@ -136,17 +142,30 @@ def run_live(cs_or_url, project: str, workspace: str, *, exposures, particles=No
     wspace = find_workspace(cs, proj.uid, workspace)
     exp = find_source(proj, exposures, "exposure")
     parts = find_source(proj, particles, "particle") if particles is not None else None
+    ref = parse_reference(mask, volume)
+    notes = []
+    if ref is not None and (model_dir is not None or parts is None or "alignments3D" not in parts.slots):
+        notes.append(f"{ref.flag} {ref.text} is not used: " + (
+            "picking with a trained model" if model_dir is not None or parts is None else
+            f"{parts.label} carries no alignments3D poses (give refined particles, e.g. a refinement's particles)"))
+        ref = None
+    ref_output = find_live_output(proj, ref) if ref is not None and ref.source is not None else None
 
     sources = [("micrographs", exp.label)] + ([("curated particles", parts.label)] if parts else [])
+    if ref is not None:
+        sources.append((ref.what, f"{ref_output[0]}:{ref_output[1]} ({ref_output[2]})" if ref_output else ref.text))
     job = proj.create_external_job(wspace.uid, title=title, desc=settings.description(cfg, sources, model_dir))
     base = Path(work_dir) if work_dir else Path.cwd() / "crisp-cryosparc" / proj.uid
     run_dir = base / job.uid
     log = EventLog(job, echo=progress)
     try:
-        _setup(job, exp, parts)
+        _setup(job, exp, parts, ref_output, ref)
         with job.run():
             try:
-                return _run(job, proj, log, cfg, exp, parts, model_dir, pmap, download, base, run_dir, sources)
+                for note in notes:
+                    log.warning(note)
+                return _run(job, proj, log, cfg, exp, parts, model_dir, pmap, download, base, run_dir, sources,
+                            ref, ref_output)
             except KeyboardInterrupt as exc:
                 raise Aborted("interrupted by the user") from exc
             except Exception as exc:
@@ -158,7 +177,7 @@ def run_live(cs_or_url, project: str, workspace: str, *, exposures, particles=No
         raise JobFailed(job.uid, exc) from exc
 
 
-def _setup(job, exp, parts) -> None:
+def _setup(job, exp, parts, ref_output=None, ref=None) -> None:
     """Inputs connected to the sources (lineage) and the particles output; on failure the job ends failed."""
     try:
         job.connect(MICROGRAPHS_INPUT, exp.job.uid, exp.output, slots=["micrograph_blob", "?ctf"],
@@ -166,6 +185,9 @@ def _setup(job, exp, parts) -> None:
         if parts:
             job.connect(PARTICLES_INPUT, parts.job.uid, parts.output, slots=["location", "?alignments3D"],
                         title="Curated particles")
+        if ref_output:
+            job.connect(REFERENCE_INPUT, ref_output[0], ref_output[1], slots=[ref_output[2]],
+                        title=ref.what[:1].upper() + ref.what[1:] + " for the labels")
         job.add_output("particle", OUTPUT, slots=["location", "pick_stats"], title="Picked particles")
     except Exception as exc:  # a job that cannot run must not stay behind as "building" without a word
         _fail_quietly(job, f"setting up the job failed: {error_text(exc)}")
@@ -173,7 +195,7 @@ def _setup(job, exp, parts) -> None:
 
 
 def _run(job, proj, log: EventLog, cfg, exp, parts, model_dir, pmap: PathMap, download: str, base: Path,
-         run_dir: Path, sources) -> LiveRun:
+         run_dir: Path, sources, ref=None, ref_output=None) -> LiveRun:
     from crisp_ext import pipeline
 
     log.text(settings.summary_text(cfg, sources, model_dir, run_dir))
@@ -212,10 +234,13 @@ def _run(job, proj, log: EventLog, cfg, exp, parts, model_dir, pmap: PathMap, do
                              f"{exp.label}; connect the exposures the particles were picked on")
         log.text(f"{len(curated)} curated particles on {len(curated.micrograph_ids())} micrograph(s); picking "
                  f"{len(mics)} micrograph(s)")
+    reference = None
+    if ref is not None and curated is not None and len(curated):
+        reference = _reference(job, proj, ref, ref_output, local_dir if mounted else None, pmap, download, log)
     picker_box = {}
     result = pipeline.run(mics, cfg, work_dir=run_dir, particles=curated if curated is not None and len(curated)
-                          else None, model_dir=model_dir, on_ready=lambda p: picker_box.setdefault("picker", p),
-                          progress=log)
+                          else None, model_dir=model_dir, reference=reference,
+                          on_ready=lambda p: picker_box.setdefault("picker", p), progress=log)
     picker = picker_box["picker"]
     picks = result.picks
     by_id = micrographs_by_id(mics)
@@ -232,6 +257,25 @@ def _run(job, proj, log: EventLog, cfg, exp, parts, model_dir, pmap: PathMap, do
     log.text(f"{len(picks)} particles on {len(result.counts)} micrographs (finder {result.finder}, threshold "
              f"{result.threshold:.3g}); model directory: {result.model_dir}")
     return LiveRun(job.uid, proj.uid, run_dir, result, dset, mics)
+
+
+def _reference(job, proj, ref, ref_output, local_dir: Path | None, pmap: PathMap, download: str, log: EventLog):
+    """The 3D mask/map: a local file, or the connected output's file (mounted project directory, else
+    ``download_mrc``)."""
+    from .reference import INPUT_NAME, blob_of, fetch_reference, reference_from_file
+
+    if ref_output is None:
+        reference = reference_from_file(ref, ref.path, ref.pixel_size, str(ref.path))
+    else:
+        uid, output, slot = ref_output
+        label = f"{uid}:{output}/{slot}"
+        blob, psize = blob_of(job.load_input(INPUT_NAME, slots=[slot]), slot, label)
+        reference = fetch_reference(
+            ref, blob, psize, label,
+            locate=lambda b: locate(b, local_dir, pmap) if download != "always" else None,
+            download=proj.download_mrc if download != "never" else None)
+    log.text(f"Read the {reference.describe()}")
+    return reference
 
 
 class _Fetcher:
@@ -271,6 +315,8 @@ def _wanted(job, input_name: str, slots: Sequence[str]) -> list[str]:
 def _log_plot(job, path: Path, threshold: float) -> None:
     if path.stem == "score_histogram":
         text = f"Pick scores (threshold {threshold:.3g})"
+    elif path.stem == "label_footprints":
+        text = "Training labels: footprints of the 3D mask at each particle's pose"
     else:
         text = "Picks on " + path.stem.removeprefix("picks_")
     job.log_plot(path, text, formats=["png"])

@@ -25,6 +25,7 @@ from crisp_ext.types import Micrograph, micrographs_by_id
 from . import records, settings
 from .lookup import KINDS, Source, check_uid
 from .paths import NO_MAP, PathMap, locate
+from .reference import load_offline, parse_reference
 
 DEFAULT_NAME = "crisp_particles"
 
@@ -249,11 +250,12 @@ def write_result_group(dset: Dataset, out_dir: str | Path, name: str = DEFAULT_N
 def pick_offline(project_dir: str | Path, exposures, out_dir: str | Path, *, particles=None,
                  diameter_A: float | None = None, config=None, model_dir: str | Path | None = None,
                  path_map: Sequence[str] | PathMap = (), name: str = DEFAULT_NAME, work_dir: str | Path | None = None,
-                 progress: ProgressCallback | None = None) -> OfflineRun:
+                 progress: ProgressCallback | None = None, mask=None, volume=None) -> OfflineRun:
     """Pick the micrographs of ``exposures`` in a project directory; write ``<out_dir>/<name>.cs`` + ``.csg``.
 
     ``exposures`` / ``particles``: ``("J8", "exposures")``, ``"J8"``, ``"J8:exposures"`` or a ``.cs``/``.csg``
-    path. ``work_dir`` (model, plots) defaults to ``<out_dir>/work``.
+    path. ``work_dir`` (model, plots) defaults to ``<out_dir>/work``. ``mask`` / ``volume``: a 3D mask or map
+    (``"J15:volume"`` or an MRC file) for labels by reprojection when the particles carry ``alignments3D`` poses.
     """
     from crisp_ext import pipeline
 
@@ -298,12 +300,21 @@ def pick_offline(project_dir: str | Path, exposures, out_dir: str | Path, *, par
         if not len(curated) and model_dir is None:
             raise InputError(f"none of the {len(part_data)} particles of {part_label} lie on the micrographs of "
                              f"{exp_label}; give the exposures the particles were picked on")
+    reference = None
+    ref = parse_reference(mask, volume)
+    if ref is not None:
+        if model_dir is not None or curated is None or not curated.has_poses:
+            warn(f"{ref.flag} {ref.text} is not used: " + ("picking with a trained model" if model_dir is not None
+                 or curated is None else f"{sources[1][1]} carries no alignments3D poses"))
+        else:
+            reference = load_offline(project_dir, ref, pmap)
+            sources.append((ref.what, reference.source))
     work = Path(work_dir) if work_dir else out_dir / "work"
     progress(ProgressEvent("prepare", message=settings.summary_text(cfg, sources, model_dir, work)))
     picker_box = {}
     result = pipeline.run(mics, cfg, work_dir=work, particles=curated if curated is not None and len(curated) else None,
-                          model_dir=model_dir, on_ready=lambda p: picker_box.setdefault("picker", p),
-                          progress=progress)
+                          model_dir=model_dir, reference=reference,
+                          on_ready=lambda p: picker_box.setdefault("picker", p), progress=progress)
     picks = result.picks
     dset = records.fill_particles(records.allocate_particles(len(picks)), picks, micrographs_by_id(mics),
                                   settings.min_dist_A(mics, picker_box["picker"].config), result.score_range)

@@ -251,27 +251,21 @@ def _is_model_dir(path: Path) -> bool:
 
 
 def _reference(opts: Options, particles, log):
-    """A 3D mask (preferred) or map for labels by reprojection, when the particles carry angles."""
+    """The 3D mask (``--in_mask``, preferred) or map (``--in_3dref``, thresholded into a mask) for labels by
+    reprojection, when the training particles carry angles; None otherwise (with a log line saying why)."""
+    from crisp_ext.footprints import read_reference
+
     source = opts.in_mask or opts.in_3dref
     if not source:
         return None
+    flag = "--in_mask" if opts.in_mask else "--in_3dref"
     if particles is None or not particles.has_poses:
-        log(f"{source}: ignored (labels by reprojection need particles with angles)")
+        log(f"{flag} {source} is not used: labels by reprojection need particles with angles (e.g. Refine3D "
+            f"run_data.star as Input particles)")
         return None
-    import mrcfile
-
-    from crisp_ext.pipeline import ReferenceMask
-
-    try:
-        with mrcfile.open(source, permissive=True) as mrc:
-            volume = np.asarray(mrc.data, dtype=np.float32)
-            ps = float(mrc.voxel_size.x)
-    except (OSError, ValueError) as exc:
-        raise InputError(f"{source}: cannot read the 3D {'mask' if opts.in_mask else 'map'} ({exc})") from None
-    if volume.ndim != 3 or len(set(volume.shape)) != 1 or not ps > 0:
-        raise InputError(f"{source}: expected a cubic 3D MRC with its pixel size in the header")
-    log(f"labels by reprojection of {source} ({volume.shape[0]}³ px, {ps:g} Å/px)")
-    return ReferenceMask(volume=volume, pixel_size=ps, is_mask=bool(opts.in_mask))
+    if opts.in_mask and opts.in_3dref:
+        log(f"--in_3dref {opts.in_3dref} is not used: the mask {opts.in_mask} is")
+    return read_reference(source, is_mask=bool(opts.in_mask))
 
 
 def suggested_box(diameter_px: float) -> int:
@@ -333,9 +327,7 @@ def run_job(opts: Options, job: JobDir, log=_log) -> dict:
             f"from {source}")
     elif opts.in_parts or opts.in_coords:
         log("input particles/coordinates are not used: picking with an existing model")
-    reference = _reference(opts, particles, log) if model_dir is None else None
-    if reference is not None:
-        cfg = cfg.updated({"labels.kind": "reprojection"})
+    reference = _reference(opts, particles, log) if model_dir is None else None  # the pipeline logs the labels
 
     todo = [m for m in mics if not (is_continue and Path(coord[m.id]).is_file())]
     if len(todo) < len(mics):

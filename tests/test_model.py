@@ -163,7 +163,7 @@ def test_save_load_gives_identical_predictions(tmp_path):
     assert not loaded.model.training
     info = json.loads((tmp_path / "m" / "model.json").read_text())
     assert info["diameter_px"] == 27.0 and info["target_diameter_px"] == cfg.preprocess.target_diameter_px
-    assert info["torch_version"] == torch.__version__ and info["crf"] == "none" and info["label_kind"] == "disk"
+    assert info["torch_version"] == torch.__version__ and info["crf"] == "none" and info["label_kind"] == cfg.labels.kind
     update_model_info(tmp_path / "m", finder="nms", threshold=0.3)
     assert load_model_dir(tmp_path / "m").info["finder"] == "nms"
 

@@ -138,24 +138,31 @@ def predict_many(model: nn.Module, items: Iterable[T], load: Callable[[T], Worki
     """Predict each item in order, yielding ``(item, working_image, probability_map)``.
 
     ``load(item)`` reads and preprocesses one micrograph; with ``cfg.workers > 0`` it runs in that many DataLoader
-    worker processes, ahead of the model (with the ``spawn`` start method ``load`` must be picklable). An
-    exception from ``load`` is raised here, unchanged, when its item's turn comes.
+    worker processes, ahead of the model (with the ``spawn`` start method ``load`` must be picklable), and on the
+    CPU the model then uses that many torch threads fewer (at least one) until the iteration ends. An exception
+    from ``load`` is raised here, unchanged, when its item's turn comes.
     """
     items = list(items)
     device = torch.device(device) if device is not None else model_device(model)
     dataset = _LoadAll(items, load)
-    workers = max(0, int(cfg.workers))
-    if workers == 0 or len(items) <= 1:
+    workers = min(max(0, int(cfg.workers)), len(items)) if len(items) > 1 else 0
+    if workers == 0:
         source: Iterable = (dataset[i] for i in range(len(items)))
     else:
-        source = torch.utils.data.DataLoader(dataset, batch_size=None, shuffle=False, num_workers=min(workers,
-                                             len(items)), collate_fn=_as_is, prefetch_factor=2)
+        source = torch.utils.data.DataLoader(dataset, batch_size=None, shuffle=False, num_workers=workers,
+                                             collate_fn=_as_is, prefetch_factor=2)
+    # Worker processes read ahead on their own cores; the model takes the rest (oversubscribed OpenMP threads stall
+    # each other at every barrier, which costs far more than one thread fewer).
+    threads = torch.get_num_threads()
     iterator = iter(source)
     try:
+        if workers and device.type == "cpu":
+            torch.set_num_threads(max(1, threads - workers))
         for index, working, error in iterator:
             if error is not None:
                 raise error
             yield items[index], working, predict_map(model, working.image, cfg, device)
     finally:
+        torch.set_num_threads(threads)
         del iterator
 

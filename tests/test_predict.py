@@ -89,7 +89,9 @@ def _load(item):
 def test_predict_many_keeps_order_and_overlaps_loading(workers):
     cfg = PredictConfig(tile=32, overlap=8, workers=workers, bf16=False)
     items = ["-1", "0", "2.5", "1"]
+    threads = torch.get_num_threads()
     out = list(predict_many(Identity(), items, _load, cfg))
+    assert torch.get_num_threads() == threads
     assert [o[0] for o in out] == items
     for item, working, prob in out:
         assert working.image.shape == prob.shape == (40, 50)

@@ -63,8 +63,8 @@ def build_model(cfg: ModelConfig) -> nn.Module:
         raise
     if local:
         load_encoder_weights(model.encoder, Path(str(weights)))
-    momentum = getattr(cfg, "bn_momentum", None)
-    if momentum is not None:
+    momentum = getattr(cfg, "bn_momentum", 0.0)
+    if momentum:  # 0 / None: keep the encoder's own
         for module in model.modules():
             if isinstance(module, nn.modules.batchnorm._BatchNorm):
                 module.momentum = float(momentum)

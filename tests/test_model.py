@@ -188,9 +188,9 @@ def test_model_dir_problems_are_one_line_errors(tmp_path):
         load_model_dir(tmp_path / "x")
 
 
-def test_batch_norm_momentum_is_set_everywhere_unless_none():
+def test_batch_norm_momentum_is_set_everywhere_unless_zero():
     bns = lambda m: [x for x in m.modules() if isinstance(x, torch.nn.BatchNorm2d)]  # noqa: E731
     model = build_model(ModelConfig(**TINY, bn_momentum=0.25))
     assert bns(model) and all(b.momentum == 0.25 for b in bns(model))
-    kept = build_model(ModelConfig(**TINY, bn_momentum=None))
+    kept = build_model(ModelConfig(**TINY, bn_momentum=0.0))
     assert all(b.momentum == 0.1 for b in bns(kept))  # the encoder's own (PyTorch default here)

@@ -46,21 +46,20 @@ def build_model(cfg: ModelConfig) -> nn.Module:
             raise InputError(f"model.decoder_channels {channels} needs one width per encoder stage "
                              f"(encoder_depth = {cfg.encoder_depth})")
         kwargs.setdefault("decoder_channels", channels[: cfg.encoder_depth])
-    weights = cfg.encoder_weights
-    local = weights not in (None, "", "imagenet") and weights is not None
+    weights = cfg.encoder_weights or None
+    local = weights is not None and weights != "imagenet"
     try:
         model = smp.create_model(arch, encoder_name=cfg.encoder, encoder_weights=None if local else weights,
                                  in_channels=1, classes=1, **kwargs)
-    except KeyError as exc:
-        raise InputError(f"unknown model.encoder {cfg.encoder!r} for smp: {exc}") from None
-    except (ValueError, TypeError, AttributeError) as exc:
-        raise InputError(f"cannot build {cfg.arch} with encoder {cfg.encoder}: {_one_line(exc)}") from None
-    except Exception as exc:  # download failures come in many types (HTTP, hub, OS errors)
-        if weights == "imagenet":
+    except KeyError:
+        raise InputError(f"unknown model.encoder {cfg.encoder!r}: use a name from smp's encoder list or a timm "
+                         f"model as 'tu-<name>'") from None
+    except Exception as exc:  # unknown timm names, bad arguments, and download failures of many types
+        if weights == "imagenet" and not isinstance(exc, (ValueError, TypeError)):
             raise InputError(f"cannot get ImageNet weights for encoder {cfg.encoder} ({_one_line(exc)}); give "
                              f"model.encoder_weights as a local weights file, or None to train from scratch") \
                 from None
-        raise
+        raise InputError(f"cannot build model {cfg.arch} with encoder {cfg.encoder}: {_one_line(exc)}") from None
     if local:
         load_encoder_weights(model.encoder, Path(str(weights)))
     momentum = getattr(cfg, "bn_momentum", 0.0)

@@ -73,7 +73,10 @@ class TrainConfig:
     batch_size: int = 8
     lr: float = 1e-3
     weight_decay: float = 0.0
-    loss: str = "dice"  # dice | jaccard | lovasz | tversky | bce | focal, or a sum such as "dice+bce"
+    # dice | jaccard | lovasz | tversky | bce | focal, or a weighted sum such as "dice+0.5*bce". Default dice+bce
+    # (measured on EMPIAR-10017, 2 seeds): pixel IoU as Dice alone (0.69), picking AP 0.80-0.82 against 0.76-0.77,
+    # because BCE keeps the probabilities calibrated for ranking picks. The paper used Dice alone.
+    loss: str = "dice+bce"
     augment: bool = True  # flips, 90° rotations, intensity jitter
     # Epochs without a better validation score before stopping (0 = never). Long, because mid-run scores are noisy
     # under the one-cycle schedule's high learning rate and the best epochs come as it anneals.

@@ -149,6 +149,7 @@ class CentreConfig:
     edge: str = "drop"  # drop picks whose box would leave the micrograph | keep (clipped inside)
     box_fraction: float = 1.0  # box size used for the edge rule, in diameters
     min_distance: float = 0.5  # de-duplication distance, in diameters
+    refine: float = 0.25  # move picks to the local probability centroid, Gaussian window sigma in diameters; 0 = off
 
 
 @dataclass

@@ -254,7 +254,8 @@ def _train(micrographs, by_id, particles: Particles, cfg: PickerConfig, work_dir
 def _centre_options(cfg: PickerConfig, diameter_w: float) -> dict:
     """Edge rule and de-duplication at the working scale, the same for selection and picking."""
     return {"edge": cfg.centres.edge, "box_px": cfg.centres.box_fraction * diameter_w,
-            "min_distance_px": cfg.centres.min_distance * diameter_w}
+            "min_distance_px": cfg.centres.min_distance * diameter_w,
+            "refine_sigma_px": cfg.centres.refine * diameter_w}
 
 
 def pick_micrograph(prob: np.ndarray, wi: WorkingImage, mic: Micrograph, diameter_px: float, cfg: PickerConfig,

@@ -104,6 +104,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--flip-y", action="store_true", help="the truth files are y-up")
     p.add_argument("--json", type=Path, help="write the metrics as JSON here")
 
+    p = sub.add_parser("config", help="print the default configuration as a commented TOML template")
+    p.add_argument("--paper", action="store_true", help="the paper's recipe (GPU) instead of the CPU default")
+    p.add_argument("--out", type=Path, help="write it to this file instead of stdout")
+
     p = sub.add_parser("demo", help="simulate a small project, train, pick, evaluate (a few minutes on a CPU)")
     p.add_argument("--out", type=Path, default=Path("crisp_demo"), help="output directory (default ./crisp_demo)")
     p.add_argument("--quick", action="store_true", help="an even smaller run (tests)")
@@ -127,6 +131,8 @@ def main(argv=None) -> int:
             return _cmd_pick(args)
         if args.command == "evaluate":
             return _cmd_evaluate(args)
+        if args.command == "config":
+            return _cmd_config(args)
         if args.command == "demo":
             from .demo import run_demo
 
@@ -270,6 +276,21 @@ def _ids_for(names, mics):
         else:
             raise InputError(f"micrograph {n!r} given in --train-mics/--val-mics is not among the micrographs")
     return out
+
+
+# -- config ---------------------------------------------------------------------------------------------------------
+
+def _cmd_config(args) -> int:
+    from .config import PickerConfig, config_to_toml
+    from .io.atomic import atomic_write_text
+
+    text = config_to_toml(PickerConfig.paper() if args.paper else PickerConfig(), comments=True)
+    if args.out:
+        atomic_write_text(args.out, text)
+        print(f"wrote {args.out}; edit it and pass it with --config")
+    else:
+        sys.stdout.write(text)
+    return 0
 
 
 # -- train ----------------------------------------------------------------------------------------------------------

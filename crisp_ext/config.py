@@ -18,8 +18,8 @@ from typing import Any, get_type_hints
 class ParticleConfig:
     """Particle size. Give ``diameter_A`` (needs a pixel size) or ``diameter_px`` (original pixels)."""
 
-    diameter_A: float | None = None
-    diameter_px: float | None = None
+    diameter_A: float | None = None  # particle diameter in Å (needs the micrographs' pixel size)
+    diameter_px: float | None = None  # particle diameter in pixels of the original micrographs
 
 
 @dataclass
@@ -293,12 +293,41 @@ def load_config(path: str | Path) -> PickerConfig:
         raise ValueError(f"{path}: {exc}") from None
 
 
-def config_to_toml(cfg: PickerConfig) -> str:
-    """Serialise to TOML (None values are written as commented-out keys, since TOML has no null)."""
+def field_comments() -> dict[str, dict[str, str]]:
+    """The comments beside (or just above) each field in this module's source, per section: the config reference."""
+    import inspect
+    import re
+
+    out: dict[str, dict[str, str]] = {}
+    for f in dataclasses.fields(PickerConfig):
+        cls = get_type_hints(PickerConfig)[f.name]
+        notes: dict[str, str] = {}
+        pending: list[str] = []
+        for line in inspect.getsource(cls).splitlines()[1:]:
+            text = line.strip()
+            if text.startswith("#"):
+                pending.append(text.lstrip("# ").strip())
+                continue
+            m = re.match(r"(\w+)\s*:[^=#]*(?:=[^#]*)?(?:#\s*(.*))?$", text)
+            if m and not text.startswith(("def ", "@", '"""', "return")):
+                note = " ".join(pending + ([m.group(2)] if m.group(2) else []))
+                notes[m.group(1)] = note
+            pending = [] if text else pending
+        out[f.name] = notes
+    return out
+
+
+def config_to_toml(cfg: PickerConfig, comments: bool = False) -> str:
+    """Serialise to TOML (None values are written as commented-out keys, since TOML has no null). With
+    ``comments``, every key carries its documentation from the source (a commented template)."""
+    notes = field_comments() if comments else {}
     lines = ["# crisp-ext picker configuration", ""]
     for section, values in cfg.to_dict().items():
         lines.append(f"[{section}]")
         for key, value in values.items():
+            note = notes.get(section, {}).get(key)
+            if note:
+                lines.append(f"# {note}")
             if value is None:
                 lines.append(f"# {key} = (unset)")
             elif isinstance(value, dict):

@@ -38,7 +38,14 @@ def _names(text: str | None) -> list[str] | None:
     if text is None:
         return None
     if text.startswith("@"):
-        return [t.strip() for t in Path(text[1:]).read_text().split() if t.strip()]
+        from .errors import InputError
+
+        try:
+            content = Path(text[1:]).read_text()
+        except OSError as exc:
+            raise InputError(f"{text[1:]}: cannot read the list of micrograph names "
+                             f"({exc.strerror or exc.__class__.__name__})") from None
+        return [t.strip() for t in content.split() if t.strip()]
     return [t.strip() for t in text.split(",") if t.strip()]
 
 
@@ -163,6 +170,10 @@ def _is_config_error(exc) -> bool:
 def _config(args):
     from .config import PickerConfig, load_config
 
+    if args.config and not args.config.is_file():
+        from .errors import InputError
+
+        raise InputError(f"{args.config}: config file not found (write one with 'crisp-ext config --out FILE')")
     cfg = load_config(args.config) if args.config else PickerConfig()
     overrides = {}
     for item in args.set:
@@ -301,13 +312,14 @@ def _cmd_train(args) -> int:
 
     cfg = _config(args)
     mics, picks = _inputs(args, cfg, need_picks=True)
+    train_ids, val_ids = _ids_for(_names(args.train_mics), mics), _ids_for(_names(args.val_mics), mics)
+    reference = _reference(args, picks)
     out = args.out
     out.mkdir(parents=True, exist_ok=True)
     save_config(cfg, out / "config.toml")
     t0 = time.perf_counter()
-    trained = prepare_picker(mics, cfg, work_dir=out, particles=picks, reference=_reference(args, picks),
-                             train_ids=_ids_for(_names(args.train_mics), mics),
-                             val_ids=_ids_for(_names(args.val_mics), mics), progress=_progress(args))
+    trained = prepare_picker(mics, cfg, work_dir=out, particles=picks, reference=reference, train_ids=train_ids,
+                             val_ids=val_ids, progress=_progress(args))
     v = trained.validation.get("picking", {})
     print(f"model written to {trained.model_dir}  ({time.perf_counter() - t0:.0f} s); labels: "
           f"{trained.info.get('labels', '?')}")
@@ -332,6 +344,8 @@ def _cmd_pick(args) -> int:
 
     cfg = _config(args)
     mics, picks = _inputs(args, cfg, need_picks=args.model is None)
+    train_ids, val_ids = _ids_for(_names(args.train_mics), mics), _ids_for(_names(args.val_mics), mics)
+    reference = _reference(args, picks)
     out: Path = args.out
     coord_dir = out / "coordinates"
     coord_dir.mkdir(parents=True, exist_ok=True)
@@ -343,20 +357,21 @@ def _cmd_pick(args) -> int:
     def skip(m):
         return not args.overwrite and coord_path(m).exists()
 
-    state = {"threshold": None}
+    state = {"threshold": None, "config": cfg}
 
     def on_ready(picker):
         state["threshold"] = picker.threshold
+        state["config"] = picker.config  # with a loaded model: its diameter and scale, unless given here
 
     def on_picked(m, p):
         write_coordinates(coord_path(m), p.xy, figure_of_merit(p.score, state["threshold"]))
 
-    result = run(mics, cfg, work_dir=out, particles=picks, model_dir=args.model, reference=_reference(args, picks),
-                 train_ids=_ids_for(_names(args.train_mics), mics), val_ids=_ids_for(_names(args.val_mics), mics),
-                 skip=skip, on_ready=on_ready, on_picked=on_picked, progress=_progress(args),
-                 map_path=lambda m: out / "maps" / f"{m.name}_probability.mrc")
+    result = run(mics, cfg, work_dir=out, particles=picks, model_dir=args.model, reference=reference,
+                 train_ids=train_ids, val_ids=val_ids, skip=skip, on_ready=on_ready, on_picked=on_picked,
+                 progress=_progress(args), map_path=lambda m: out / "maps" / f"{m.name}_probability.mrc")
 
     # Everything present (this run and earlier ones) goes into the combined STAR.
+    used = state["config"]
     parts, pixel_sizes = [], {}
     for m in mics:
         f = coord_path(m)
@@ -364,12 +379,12 @@ def _cmd_pick(args) -> int:
             t = read_coordinates(f)
             score = score_from_figure_of_merit(t.score, result.threshold) if t.score is not None else None
             parts.append(Particles.for_one(m.id, t.xy, score))
-            pixel_sizes[m.id] = micrograph_pixel_size(m, cfg)
+            pixel_sizes[m.id] = micrograph_pixel_size(m, used)
     allp = Particles.concat(parts) if parts else Particles.empty(with_score=True)
     fom = figure_of_merit(allp.score, result.threshold) if len(allp) else np.zeros(0)
     write_particles_star(out / "particles.star", allp, mics, pixel_sizes, fom=fom)
     if args.extract:
-        _extract(args, cfg, mics, allp, fom, pixel_sizes, out)
+        _extract(args, used, mics, allp, fom, pixel_sizes, out)
     summary = summary_dict(result, mics)
     summary["particles_total"] = int(len(allp))
     atomic_write_text(out / "summary.json", json.dumps(summary, indent=2) + "\n")
@@ -381,6 +396,9 @@ def _cmd_pick(args) -> int:
 
 
 def _extract(args, cfg, mics, allp, fom, pixel_sizes, out: Path) -> None:
+    """Stacks ``OUT/Particles/<micrograph>.mrcs`` and ``OUT/particles_extracted.star``. Image names are paths on
+    the same footing as the micrograph names beside them (RELION's: relative to the current directory, i.e. the
+    project directory, when ``--out`` is relative; absolute when it is absolute)."""
     from .io.mrc import read_micrograph
     from .io.outputs import extract_boxes, write_particles_star, write_stack
     from .pipeline import micrograph_diameter
@@ -396,8 +414,7 @@ def _extract(args, cfg, mics, allp, fom, pixel_sizes, out: Path) -> None:
         stack = extract_boxes(image, allp.xy[sel], args.extract, normalise_radius=radius)
         stack_path = out / "Particles" / f"{m.name}.mrcs"
         write_stack(stack_path, stack, ps)
-        rel = stack_path.relative_to(out)
-        names += [f"{k + 1:06d}@{rel}" for k in range(len(sel))]
+        names += [f"{k + 1:06d}@{stack_path}" for k in range(len(sel))]
         order += sel
     sub = allp.subset(order)
     write_particles_star(out / "particles_extracted.star", sub, mics, pixel_sizes, fom=fom[order],
@@ -425,6 +442,8 @@ def _cmd_evaluate(args) -> int:
         raise InputError(f"{args.truth}: no reference picks for these micrographs")
     from .io.mrc import read_info
 
+    finite = pred.score[np.isfinite(pred.score)] if pred.score is not None else np.zeros(0)
+    floor = float(finite.min()) - 1.0 if len(finite) else 0.0  # below every real score
     rows, preds, scores, truths, diam = [], [], [], [], []
     for m in mics:
         t = truth.for_micrograph(m.id)
@@ -433,7 +452,8 @@ def _cmd_evaluate(args) -> int:
         p = pred.for_micrograph(m.id)
         ps = args.pixel_size or m.pixel_size or read_info(m.path).pixel_size
         d = diameter_in_pixels(args.diameter[0], args.diameter[1], ps, where=str(m.path))
-        s = p.score if p.score is not None else np.ones(len(p))
+        # the files' scores (figure of merit) rank the picks for AP; picks without one rank last
+        s = np.where(np.isfinite(p.score), p.score, floor) if p.score is not None else np.ones(len(p))
         preds.append(p.xy)
         scores.append(s)
         truths.append(t.xy)

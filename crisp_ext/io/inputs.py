@@ -70,7 +70,8 @@ def read_picks(spec: str | Path, micrographs: Sequence[Micrograph], *, flip_y: b
     """Picks for ``micrographs`` from a folder of coordinate files, one coordinate file, or a particles STAR.
 
     A coordinate file that matches no micrograph is an error (it usually means the names differ); micrographs
-    without a file simply have no picks. ``flip_y`` converts y-up files (``y -> ny - y``).
+    without a file simply have no picks. ``flip_y`` converts y-up files (``y -> ny - y``). Scores a file carries
+    (STAR figure of merit, .box 5th column, CSV score column) are kept (NaN for picks of files without them).
     """
     path = Path(spec)
     by_name = {m.name: m for m in micrographs}
@@ -95,7 +96,7 @@ def read_picks(spec: str | Path, micrographs: Sequence[Micrograph], *, flip_y: b
                              f"{next(iter(by_name))!r}); rename it or remove it from the folder")
         mic = by_name[name]
         table = read_coordinates(f, flip_y_height=_height(mic) if flip_y else None)
-        parts.append(Particles.for_one(mic.id, table.xy))
+        parts.append(Particles.for_one(mic.id, table.xy, table.score))
     return Particles.concat(parts)
 
 

@@ -138,6 +138,9 @@ class PredictConfig:
     tile: int = 512  # working pixels
     overlap: int = 64  # working pixels shared by neighbouring tiles (blended with a smooth window)
     batch_size: int = 4  # tiles per forward pass
+    # Test-time augmentation: average the map over 1 | 2 | 4 | 8 symmetric views of each tile (flip, rotations,
+    # both); costs that many network passes. Training's per-epoch validation always uses 1.
+    tta: int = 1
     save_maps: bool = False  # write probability maps as MRC next to the picks
     workers: int = 1  # DataLoader workers reading and preprocessing the next micrographs
     bf16: bool = True  # bf16 autocast (CPU, or CUDA with bf16): 2-3x faster on CPU, probabilities within ~1e-2

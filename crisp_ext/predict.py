@@ -101,8 +101,7 @@ def predict_map(model: nn.Module, image: np.ndarray, cfg: PredictConfig, device:
                 x = x.to(device)
                 if channels_last:
                     x = x.contiguous(memory_format=torch.channels_last)
-                out = model(x)
-                prob = torch.sigmoid(out.float())[:, 0].cpu().numpy()
+                prob = _forward(model, x, int(getattr(cfg, "tta", 1) or 1)).cpu().numpy()
                 for (r, c), p in zip(chunk, prob):
                     acc[r:r + th, c:c + tw] += p * window
                     norm[r:r + th, c:c + tw] += window
@@ -110,6 +109,23 @@ def predict_map(model: nn.Module, image: np.ndarray, cfg: PredictConfig, device:
         model.train(was_training)
     out = acc[:h, :w] / norm[:h, :w]
     return np.clip(out, 0.0, 1.0, out=out)
+
+
+def _forward(model: nn.Module, x: torch.Tensor, tta: int) -> torch.Tensor:
+    """Probabilities (N, H, W) of a batch; with ``tta`` > 1 the mean over that many of the square's symmetries
+    (2: a flip, 4: the four rotations, 8: rotations and flips), each mapped back before averaging."""
+    if tta not in (1, 2, 4, 8):
+        raise ValueError(f"predict.tta must be 1, 2, 4 or 8, not {tta}")
+    views = [(0, False), (0, True)] if tta == 2 else [(k, f) for f in (False, True) for k in range(4)][:tta]
+    total = None
+    for k, flip in views:
+        v = torch.rot90(x, k, (2, 3)) if k else x
+        v = torch.flip(v, (3,)) if flip else v
+        p = torch.sigmoid(model(v).float())
+        p = torch.flip(p, (3,)) if flip else p
+        p = torch.rot90(p, -k, (2, 3)) if k else p
+        total = p if total is None else total + p
+    return total[:, 0] / len(views)
 
 
 class _LoadAll(torch.utils.data.Dataset):

@@ -106,3 +106,31 @@ def test_load_errors_reach_the_caller_unchanged(workers):
     with pytest.raises(InputError) as info:
         next(gen)
     assert str(info.value) == "bad.mrc: not an MRC file; check the path"
+
+
+class Skewed(nn.Module):
+    """Stand-in network that is not symmetric: the logit is the input plus a ramp along x."""
+
+    def __init__(self):
+        super().__init__()
+        self.dummy = nn.Parameter(torch.zeros(()))
+
+    def forward(self, x):
+        ramp = torch.linspace(-1, 1, x.shape[-1])
+        return x + ramp + self.dummy
+
+
+@pytest.mark.parametrize("tta", [2, 4, 8])
+def test_test_time_augmentation_maps_every_view_back(tta):
+    image = np.random.default_rng(1).normal(size=(96, 160)).astype(np.float32)
+    cfg = PredictConfig(tile=64, overlap=16, bf16=False, tta=tta)
+    # An equivariant network gives the same map with or without TTA: every view is mapped back to its place.
+    np.testing.assert_allclose(predict_map(Identity(), image, cfg), 1 / (1 + np.exp(-image)), atol=1e-6)
+    # A skewed one is averaged over its views, so the result differs from the single view.
+    single = predict_map(Skewed(), image, PredictConfig(tile=64, overlap=16, bf16=False))
+    assert np.abs(predict_map(Skewed(), image, cfg) - single).max() > 0.05
+
+
+def test_unknown_tta_is_refused():
+    with pytest.raises(ValueError, match="tta"):
+        predict_map(Identity(), np.zeros((64, 64), np.float32), PredictConfig(tta=3))

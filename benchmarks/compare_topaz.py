@@ -496,7 +496,10 @@ def run_log_baseline(ds: Dataset, split: Split, args) -> Row:
 # ---------------------------------------------------------------------------------------------------------------
 # crisp-ext (added by the lead once the pipeline exists)
 # ---------------------------------------------------------------------------------------------------------------
-CRISP_VARIANTS = ("default", "paper")
+CRISP_VARIANTS = ("default", "tuned", "paper")
+# "tuned": the two settings that measured best on EMPIAR-10017 (README, "Accuracy and speed"): label disks of half
+# the diameter (separates touching particles) and 8-view test-time augmentation (8 network passes per tile).
+TUNED = {"labels.disk_fraction": 0.5, "predict.tta": 8}
 
 
 def _crisp_inputs(ds: Dataset, names: list[str]):
@@ -510,7 +513,7 @@ def _crisp_inputs(ds: Dataset, names: list[str]):
 def _crisp_config(variant: str, threads: int):
     from crisp_ext.config import PickerConfig
 
-    cfg = PickerConfig() if variant == "default" else PickerConfig.paper()
+    cfg = PickerConfig.paper() if variant == "paper" else PickerConfig().updated(TUNED if variant == "tuned" else {})
     return cfg.updated({"particle.diameter_px": DIAMETER_PX, "train.threads": threads, "predict.workers": 0})
 
 
@@ -673,6 +676,30 @@ def write_outputs(out: Path, rows: list[Row], meta: dict, ds: Dataset, split: Sp
     return lines
 
 
+def reusable(results: Path | None, prefix: str) -> bool:
+    if results is None:
+        return False
+    rows = json.loads(results.read_text())["rows"]
+    return any(r["picker"].startswith(prefix) and r["status"] == "ok" for r in rows)
+
+
+def reuse_row(results: Path, prefix: str, ds: Dataset, split: Split) -> Row:
+    """The row of an earlier run whose picker starts with ``prefix``; metrics recomputed from its saved picks."""
+    data = json.loads(results.read_text())
+    old = next(r for r in data["rows"] if r["picker"].startswith(prefix) and r["status"] == "ok")
+    if data["meta"]["split"] != split.__dict__:
+        raise SystemExit(f"{results}: that run used another train/validation/test split")
+    fields = {k: v for k, v in old.items() if k in Row.__dataclass_fields__}
+    row = Row(**fields)
+    arrays = np.load(results.parent / f"picks_{_slug(row.picker)}.npz")
+    for part, names in (("val", split.val), ("test", split.test)):
+        picks = PickSet(names, [arrays[f"{part}/{n}/xy"] for n in names], [arrays[f"{part}/{n}/score"] for n in names])
+        setattr(row, f"{part}_picks", picks)
+    row.metrics = evaluate(row.test_picks, ds, row.threshold)
+    row.details = dict(row.details, reused_from=f"{results} ({data['meta']['date']})")
+    return row
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--data", type=Path, default=DEFAULT_DATA, help="EMPIAR-10017 folder (micrographs/, coords/)")
@@ -683,6 +710,9 @@ def main(argv=None) -> int:
     p.add_argument("--topaz-venv", type=Path, default=REPO / ".venv-topaz", help="Topaz venv (created if missing)")
     p.add_argument("--skip-topaz", action="store_true", help="leave out the Topaz row")
     p.add_argument("--skip-crisp", action="store_true", help="leave out the crisp-ext rows")
+    p.add_argument("--reuse", type=Path, default=None, metavar="RESULTS_JSON",
+                   help="take the Topaz and crisp-ext rows that an earlier run's results.json has (status ok) from "
+                        "there, re-scored from its picks_*.npz, instead of training them again (Topaz: ~25 min)")
     p.add_argument("--topaz-epochs", type=int, default=None, help="Topaz epochs (default 4; --quick 1)")
     p.add_argument("--topaz-epoch-size", type=int, default=None, help="updates per epoch (default 250; --quick 20)")
     p.add_argument("--threads", type=int, default=1, help="CPU threads for every picker (default 1)")
@@ -700,7 +730,9 @@ def main(argv=None) -> int:
     rows: list[Row] = []
 
     rows.append(run_log_baseline(ds, split, args))
-    if args.skip_topaz:
+    if reusable(args.reuse, "Topaz"):
+        rows.append(reuse_row(args.reuse, "Topaz", ds, split))
+    elif args.skip_topaz:
         rows.append(Row("Topaz (resnet8, trained)", status="absent", note="--skip-topaz"))
     else:
         try:
@@ -712,6 +744,9 @@ def main(argv=None) -> int:
         name = f"crisp-ext ({variant})"
         if args.skip_crisp:
             rows.append(Row(name, status="absent", note="--skip-crisp"))
+            continue
+        if reusable(args.reuse, name):
+            rows.append(reuse_row(args.reuse, name, ds, split))
             continue
         try:
             rows.append(run_crisp_ext(ds, split, args, variant, args.out / f"crisp_{variant}_work"))

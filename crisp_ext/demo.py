@@ -78,10 +78,26 @@ def run_demo(out: Path, *, quick: bool = False, seed: int = 0, quiet: bool = Fal
     import json
 
     total = json.loads(metrics_path.read_text())["total"]
+    picture = _held_out_picture(out, project, test[-1])
     print(f"\ndemo result on {len(test)} micrographs nobody picked: precision {total['precision']:.3f}  "
           f"recall {total['recall']:.3f}  F1 {total['f1']:.3f}  AP {total['ap']:.3f}")
-    print(f"pictures: {out / 'picks' / 'plots'}   total time {time.perf_counter() - t0:.0f} s")
+    print(f"pictures: {picture} (picks and truth on a micrograph nobody picked), {out / 'picks' / 'plots'}   "
+          f"total time {time.perf_counter() - t0:.0f} s")
     return 0
+
+
+def _held_out_picture(out: Path, project: dict, name: str) -> Path:
+    """Picks (circles) and the simulator's truth (crosses) on one held-out micrograph, in its original pixels."""
+    from .io.coords import read_coordinates
+    from .io.mrc import read_micrograph
+    from .plots import plot_overlay
+
+    image, _ = read_micrograph(project["micrographs"] / f"{name}.mrc")
+    picks = read_coordinates(out / "picks" / "coordinates" / f"{name}_crisp.star").xy
+    truth = read_coordinates(project["truth"] / f"{name}.star").xy
+    return plot_overlay(image, picks, out / "demo_picks.png", truth_xy=truth, diameter_px=project["diameter_px"],
+                        title=f"{name} (not used for training): {len(picks)} picks (circles), "
+                              f"{len(truth)} true particles (crosses)")
 
 
 def demo_settings(quick: bool) -> dict:

@@ -78,7 +78,7 @@ def plot_overlay(image: np.ndarray, picks_xy, path: str | Path, truth_xy=None, d
         ax.add_patch(Circle((x, y), diameter_px / 2.0, fill=False, color="tab:orange", lw=0.8))
     if truth_xy is not None:
         t = np.asarray(truth_xy, dtype=float).reshape(-1, 2)
-        ax.plot(t[:, 0], t[:, 1], "+", color="tab:cyan", ms=4, mew=0.8)
+        ax.plot(t[:, 0], t[:, 1], "+", color="tab:cyan", ms=6, mew=1.3)
     ax.set_xlim(-0.5, w - 0.5)
     ax.set_ylim(h - 0.5, -0.5)
     ax.set_axis_off()

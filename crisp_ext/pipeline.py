@@ -113,6 +113,24 @@ def _check_inputs(micrographs: Sequence[Micrograph], particles: Particles | None
     return by_id
 
 
+def check_micrographs(micrographs: Sequence[Micrograph], cfg: PickerConfig,
+                      progress: ProgressCallback | None = None) -> None:
+    """Open every micrograph's header (no pixels read) and check that the particle fits in it, so that a corrupt or
+    mismatched file fails the run in seconds rather than after training."""
+    from .io.mrc import read_info
+
+    progress = progress or silent
+    progress(ProgressEvent("check", message=f"checking {len(micrographs)} micrograph header(s)"))
+    for mic in micrographs:
+        info = read_info(mic.path)
+        if cfg.particle.diameter_A is None and cfg.particle.diameter_px is None:
+            continue  # the diameter comes from a model directory; checked when it is known
+        diameter = micrograph_diameter(mic, cfg)
+        if diameter >= min(info.shape):
+            raise InputError(f"{mic.path}: particle diameter {diameter:g} px is not smaller than the micrograph "
+                             f"({info.shape[1]}×{info.shape[0]} px); check the diameter and its unit (Å or px)")
+
+
 def choose_split(ids_with_picks: Sequence[str], n_train: int, n_val: int, seed: int,
                  train_ids: Sequence[str] | None = None, val_ids: Sequence[str] | None = None
                  ) -> tuple[list[str], list[str]]:
@@ -417,9 +435,11 @@ def run(
     should_abort: Callable[[], bool] | None = None,
     progress: ProgressCallback | None = None,
 ) -> PipelineResult:
-    """Train (or load) a picker and pick every micrograph: :func:`prepare_picker` then :func:`pick`.
+    """Check the headers of the micrographs to pick (:func:`check_micrographs`), train (or load) a picker and pick
+    every micrograph: :func:`prepare_picker` then :func:`pick`.
     ``on_ready(picker)`` is called in between (e.g. to learn the threshold for figure-of-merit conversion)."""
     t0 = time.perf_counter()
+    check_micrographs([m for m in micrographs if not (skip and skip(m))], config, progress)
     picker = prepare_picker(micrographs, config, work_dir=work_dir, particles=particles, model_dir=model_dir,
                             reference=reference, train_ids=train_ids, val_ids=val_ids, should_abort=should_abort,
                             progress=progress)

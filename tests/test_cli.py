@@ -490,6 +490,17 @@ def test_corrupt_micrograph(project, trained, tmp_path, capsys, damage):
     assert snapshot(mics, project.picks, trained.model) == inputs
 
 
+def test_a_corrupt_micrograph_fails_before_training(project, tmp_path, capsys):
+    mics = copy_mics(project, tmp_path / "mics")
+    bad = mics / f"{[n for n in NAMES if n not in CURATED][0]}.mrc"  # one with no picks: read only for picking
+    bad.write_bytes(bad.read_bytes()[:2000])
+    out = tmp_path / "out"
+    expect_input_error(capsys, ["pick", "--mics", mics, "--picks", project.picks, "--diameter", "28px",
+                                "--out", out, *common(project)], bad, "MRC file is truncated")
+    assert not (out / "model").exists()  # failed before training
+    assert not [f for f in out.rglob("*") if f.is_file() and f.name != "config.toml"]  # and before picking
+
+
 def test_picks_for_a_micrograph_not_in_the_set(project, tmp_path, capsys):
     out = tmp_path / "out"
     # a coordinate file among the picks that belongs to no micrograph

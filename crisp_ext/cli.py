@@ -126,6 +126,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv=None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    args.argv = list(sys.argv[1:] if argv is None else argv)
     if not args.command:
         parser.print_help()
         return 0
@@ -145,19 +146,23 @@ def main(argv=None) -> int:
 
             return run_demo(args.out, quick=args.quick, seed=args.seed, quiet=args.quiet)
     except InputError as exc:
-        print(f"crisp-ext: error: {exc}", file=sys.stderr)
+        _say(args, f"crisp-ext: error: {exc}", sys.stderr)
         return EXIT_INPUT
     except (ValueError, KeyError) as exc:
         if args.command in ("train", "pick") and _is_config_error(exc):
-            print(f"crisp-ext: error: {exc}", file=sys.stderr)
+            _say(args, f"crisp-ext: error: {exc}", sys.stderr)
             return EXIT_INPUT
+        _say(args, f"crisp-ext: failed: {exc.__class__.__name__}: {exc}", sys.stderr)
         raise
     except Aborted as exc:
-        print(f"crisp-ext: aborted: {exc}", file=sys.stderr)
+        _say(args, f"crisp-ext: aborted: {exc}", sys.stderr)
         return 130
     except KeyboardInterrupt:
-        print("crisp-ext: interrupted; run the same command again to resume", file=sys.stderr)
+        _say(args, "crisp-ext: interrupted; run the same command again to resume", sys.stderr)
         return 130
+    finally:
+        if getattr(args, "run_log", None) is not None:
+            args.run_log.close()
     return 0
 
 
@@ -210,9 +215,22 @@ def _parse_value(text: str):
 
 
 def _progress(args):
-    from .progress import LinePrinter, TqdmReporter
+    """Progress on the terminal (bars, or lines with --quiet / no terminal) and in ``OUT/crisp-ext.log``."""
+    from . import __version__
+    from .progress import LinePrinter, RunLog, TqdmReporter, fanout
 
-    return LinePrinter(sys.stdout) if args.quiet or not sys.stderr.isatty() else TqdmReporter()
+    shown = LinePrinter(sys.stdout) if args.quiet or not sys.stderr.isatty() else TqdmReporter()
+    args.run_log = RunLog(args.out / "crisp-ext.log",
+                          header=f"crisp-ext {__version__}: crisp-ext {' '.join(map(str, args.argv))}")
+    return fanout(shown, args.run_log)
+
+
+def _say(args, text: str, stream=None) -> None:
+    """Print a line and keep it in the run's log (when one is open)."""
+    print(text, file=stream or sys.stdout, flush=True)
+    log = getattr(args, "run_log", None)
+    if log is not None:
+        log.write(text)
 
 
 def _inputs(args, cfg, need_picks: bool):
@@ -321,11 +339,11 @@ def _cmd_train(args) -> int:
     trained = prepare_picker(mics, cfg, work_dir=out, particles=picks, reference=reference, train_ids=train_ids,
                              val_ids=val_ids, progress=_progress(args))
     v = trained.validation.get("picking", {})
-    print(f"model written to {trained.model_dir}  ({time.perf_counter() - t0:.0f} s); labels: "
-          f"{trained.info.get('labels', '?')}")
+    _say(args, f"model written to {trained.model_dir}  ({time.perf_counter() - t0:.0f} s); labels: "
+               f"{trained.info.get('labels', '?')}")
     if v:
-        print(f"validation: precision {v['precision']:.3f}  recall {v['recall']:.3f}  F1 {v['f1']:.3f}  "
-              f"AP {v['ap']:.3f}  (finder {trained.finder}, threshold {trained.threshold:.3g})")
+        _say(args, f"validation: precision {v['precision']:.3f}  recall {v['recall']:.3f}  F1 {v['f1']:.3f}  "
+                   f"AP {v['ap']:.3f}  (finder {trained.finder}, threshold {trained.threshold:.3g})")
     return 0
 
 
@@ -388,10 +406,10 @@ def _cmd_pick(args) -> int:
     summary = summary_dict(result, mics)
     summary["particles_total"] = int(len(allp))
     atomic_write_text(out / "summary.json", json.dumps(summary, indent=2) + "\n")
-    print(f"{len(result.picks)} particles picked on {len(result.counts)} micrograph(s) "
-          f"({len(result.skipped)} skipped as done); {len(allp)} in {out / 'particles.star'}")
-    print(f"finder {result.finder} {result.finder_params}, threshold {result.threshold:.3g}; "
-          f"timings: " + ", ".join(f"{k} {v:.1f} s" for k, v in result.timings.items()))
+    _say(args, f"{len(result.picks)} particles picked on {len(result.counts)} micrograph(s) "
+               f"({len(result.skipped)} skipped as done); {len(allp)} in {out / 'particles.star'}")
+    _say(args, f"finder {result.finder} {result.finder_params}, threshold {result.threshold:.3g}; "
+               f"timings: " + ", ".join(f"{k} {v:.1f} s" for k, v in result.timings.items()))
     return 0
 
 

@@ -87,6 +87,33 @@ class TqdmReporter:
             self._stage = None
 
 
+class RunLog:
+    """Appends every event, and any line given to :meth:`write`, with date and time to a log file that is kept
+    across runs (the standalone command's ``OUT/crisp-ext.log``)."""
+
+    def __init__(self, path, header: str | None = None):
+        from pathlib import Path
+
+        self.path = Path(path)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self._file = open(self.path, "a", encoding="utf-8")
+        if header:
+            self.write(header)
+
+    def __call__(self, event: ProgressEvent) -> None:
+        self.write(event.line())
+
+    def write(self, text: str) -> None:
+        if self._file.closed:
+            return
+        stamp = time.strftime("%Y-%m-%d %H:%M:%S ")
+        self._file.write("".join(stamp + line + "\n" for line in str(text).splitlines() or [""]))
+        self._file.flush()
+
+    def close(self) -> None:
+        self._file.close()
+
+
 def fanout(*callbacks: ProgressCallback | None) -> ProgressCallback:
     """One callback that forwards to several (``None`` entries are skipped)."""
     cbs = [c for c in callbacks if c is not None]

@@ -179,6 +179,11 @@ def test_pick_writes_consistent_coordinates_particles_star_summary_and_plots(pro
     assert Path(summary["model_dir"]) == trained.model
     assert summary["timings_s"]["pick"] >= 0 and summary["timings_s"]["total"] >= summary["timings_s"]["pick"]
     assert f"{summary['particles']} particles picked on {len(NAMES)} micrograph(s)" in picked.stdout
+    # the run's log keeps the command, every progress line and the result
+    log = (out / "crisp-ext.log").read_text()
+    assert "crisp-ext pick --mics mics --model" in log
+    assert all(f"] {name}: {counts[name]} picks" in log for name in NAMES)
+    assert f"{summary['particles']} particles picked on {len(NAMES)} micrograph(s)" in log
 
     # one RELION coordinate STAR per micrograph: X, Y, figure of merit; rows = the summary's count
     per_mic = {}
@@ -498,7 +503,9 @@ def test_a_corrupt_micrograph_fails_before_training(project, tmp_path, capsys):
     expect_input_error(capsys, ["pick", "--mics", mics, "--picks", project.picks, "--diameter", "28px",
                                 "--out", out, *common(project)], bad, "MRC file is truncated")
     assert not (out / "model").exists()  # failed before training
-    assert not [f for f in out.rglob("*") if f.is_file() and f.name != "config.toml"]  # and before picking
+    assert not [f for f in out.rglob("*") if f.is_file() and f.name not in ("config.toml", "crisp-ext.log")]
+    log = (out / "crisp-ext.log").read_text()
+    assert "crisp-ext pick --mics" in log and f"crisp-ext: error: {bad}: MRC file is truncated" in log
 
 
 def test_picks_for_a_micrograph_not_in_the_set(project, tmp_path, capsys):

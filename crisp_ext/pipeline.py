@@ -35,7 +35,7 @@ import numpy as np
 from .config import PickerConfig
 from .errors import Aborted, InputError
 from .footprints import FootprintMaker, ReferenceMask, plot_footprints, resolve_label_kind
-from .preprocess import WorkingImage, diameter_in_pixels, load_working
+from .preprocess import WorkingImage, check_particle_fits, diameter_in_pixels, load_working
 from .progress import ProgressCallback, ProgressEvent, silent
 from .types import Micrograph, Particles, micrographs_by_id
 
@@ -125,10 +125,9 @@ def check_micrographs(micrographs: Sequence[Micrograph], cfg: PickerConfig,
         info = read_info(mic.path)
         if cfg.particle.diameter_A is None and cfg.particle.diameter_px is None:
             continue  # the diameter comes from a model directory; checked when it is known
-        diameter = micrograph_diameter(mic, cfg)
-        if diameter >= min(info.shape):
-            raise InputError(f"{mic.path}: particle diameter {diameter:g} px is not smaller than the micrograph "
-                             f"({info.shape[1]}×{info.shape[0]} px); check the diameter and its unit (Å or px)")
+        # the header just read supplies a missing pixel size (no second open)
+        diameter = micrograph_diameter(mic.with_(pixel_size=mic.pixel_size or info.pixel_size), cfg)
+        check_particle_fits(mic.path, diameter, info.shape)
 
 
 def choose_split(ids_with_picks: Sequence[str], n_train: int, n_val: int, seed: int,

@@ -231,10 +231,15 @@ def load_working(path: str | Path, diameter_px: float, cfg: PreprocessConfig,
     from .io.mrc import read_micrograph
 
     image, ps = read_micrograph(path, pixel_size or cfg.pixel_size)
-    if diameter_px >= min(image.shape):
-        raise InputError(f"{path}: particle diameter {diameter_px:g} px is not smaller than the micrograph "
-                         f"({image.shape[1]}×{image.shape[0]} px); check the diameter and its unit (Å or px)")
+    check_particle_fits(path, diameter_px, image.shape)
     return to_working(image, diameter_px, cfg, ps)
+
+
+def check_particle_fits(path: str | Path, diameter_px: float, shape: tuple[int, int]) -> None:
+    """An :class:`InputError` naming ``path`` unless the particle is smaller than the micrograph ``(ny, nx)``."""
+    if diameter_px >= min(shape):
+        raise InputError(f"{path}: particle diameter {diameter_px:g} px is not smaller than the micrograph "
+                         f"({shape[1]}×{shape[0]} px); check the diameter and its unit (Å or px)")
 
 
 def diameter_in_pixels(diameter_A: float | None, diameter_px: float | None, pixel_size: float | None,

@@ -6,7 +6,6 @@ from argparse import Namespace
 
 import numpy as np
 import pytest
-import torch
 
 from crisp_ext.config import LabelConfig
 from crisp_ext.errors import InputError
@@ -24,12 +23,7 @@ from crisp_ext.reprojection import Projector, threshold
 import reprojection_scene as rs
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def _reference():

@@ -30,14 +30,7 @@ _rlnJobIsTomo                           0
 """
 
 
-@pytest.fixture(autouse=True)
-def _keep_torch_threads():
-    """crisp-relion sets torch's thread count for its process (--j); give the rest of the test session its own."""
-    import torch
-
-    n = torch.get_num_threads()
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("keep_torch_threads")  # crisp-relion sets threads (--j)
 
 
 def _job_star(root: Path, o: str, version: str, cont: int) -> None:

@@ -17,13 +17,7 @@ import relion_synth as rsyn
 O = "External/job021/"
 
 
-@pytest.fixture(autouse=True)
-def _keep_torch_threads():
-    import torch
-
-    n = torch.get_num_threads()
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("keep_torch_threads")  # crisp-relion sets threads (--j)
 
 
 def _project(root: Path):

@@ -3,7 +3,6 @@ reprojecting a 3D mask of the same phantom match the true projection footprints 
 
 import numpy as np
 import pytest
-import torch
 
 from crisp_ext.config import PickerConfig
 from crisp_ext.footprints import FootprintMaker, ReferenceMask
@@ -13,12 +12,7 @@ from crisp_ext.reprojection import paste_footprints
 import reprojection_scene as rs
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")

@@ -676,18 +676,16 @@ def write_outputs(out: Path, rows: list[Row], meta: dict, ds: Dataset, split: Sp
     return lines
 
 
-def reusable(results: Path | None, prefix: str) -> bool:
-    if results is None:
-        return False
-    rows = json.loads(results.read_text())["rows"]
-    return any(r["picker"].startswith(prefix) and r["status"] == "ok" for r in rows)
+def reusable(previous: dict | None, prefix: str) -> bool:
+    """Whether an earlier run's results (``--reuse``) hold a finished row whose picker starts with ``prefix``."""
+    return previous is not None and any(r["picker"].startswith(prefix) and r["status"] == "ok"
+                                        for r in previous["rows"])
 
 
-def reuse_row(results: Path, prefix: str, ds: Dataset, split: Split) -> Row:
+def reuse_row(previous: dict, results: Path, prefix: str, ds: Dataset, split: Split) -> Row:
     """The row of an earlier run whose picker starts with ``prefix``; metrics recomputed from its saved picks."""
-    data = json.loads(results.read_text())
-    old = next(r for r in data["rows"] if r["picker"].startswith(prefix) and r["status"] == "ok")
-    if data["meta"]["split"] != split.__dict__:
+    old = next(r for r in previous["rows"] if r["picker"].startswith(prefix) and r["status"] == "ok")
+    if previous["meta"]["split"] != split.__dict__:
         raise SystemExit(f"{results}: that run used another train/validation/test split")
     fields = {k: v for k, v in old.items() if k in Row.__dataclass_fields__}
     row = Row(**fields)
@@ -696,7 +694,7 @@ def reuse_row(results: Path, prefix: str, ds: Dataset, split: Split) -> Row:
         picks = PickSet(names, [arrays[f"{part}/{n}/xy"] for n in names], [arrays[f"{part}/{n}/score"] for n in names])
         setattr(row, f"{part}_picks", picks)
     row.metrics = evaluate(row.test_picks, ds, row.threshold)
-    row.details = dict(row.details, reused_from=f"{results} ({data['meta']['date']})")
+    row.details = dict(row.details, reused_from=f"{results} ({previous['meta']['date']})")
     return row
 
 
@@ -730,8 +728,9 @@ def main(argv=None) -> int:
     rows: list[Row] = []
 
     rows.append(run_log_baseline(ds, split, args))
-    if reusable(args.reuse, "Topaz"):
-        rows.append(reuse_row(args.reuse, "Topaz", ds, split))
+    previous = json.loads(args.reuse.read_text()) if args.reuse else None
+    if reusable(previous, "Topaz"):
+        rows.append(reuse_row(previous, args.reuse, "Topaz", ds, split))
     elif args.skip_topaz:
         rows.append(Row("Topaz (resnet8, trained)", status="absent", note="--skip-topaz"))
     else:
@@ -745,8 +744,8 @@ def main(argv=None) -> int:
         if args.skip_crisp:
             rows.append(Row(name, status="absent", note="--skip-crisp"))
             continue
-        if reusable(args.reuse, name):
-            rows.append(reuse_row(args.reuse, name, ds, split))
+        if reusable(previous, name):
+            rows.append(reuse_row(previous, args.reuse, name, ds, split))
             continue
         try:
             rows.append(run_crisp_ext(ds, split, args, variant, args.out / f"crisp_{variant}_work"))

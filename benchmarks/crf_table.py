@@ -42,7 +42,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from eval_empiar10017 import PREFIX, TRAIN, VAL, load_set  # noqa: E402
+from eval_empiar10017 import load_set, split_names  # noqa: E402
 
 from crisp_ext.centres.postprocess import pick_centres  # noqa: E402
 from crisp_ext.centres.select import DEFAULT_FINDERS, select_finder  # noqa: E402
@@ -303,10 +303,10 @@ def main(argv=None) -> int:
     cfg = PickerConfig()
     cfg.train.threads = args.threads
     data = load_set(args.data, cfg)
-    names = {k.removeprefix(PREFIX): k for k in data}
-    train = [data[names[n]][0] for n in TRAIN]
-    val = [data[names[n]][0] for n in VAL]
-    test = [data[k] for k in data if k.removeprefix(PREFIX) not in TRAIN + VAL]
+    train_names, val_names, test_names = split_names(data)
+    train = [data[k][0] for k in train_names]
+    val = [data[k][0] for k in val_names]
+    test = [data[k] for k in test_names]
     cost_image = test[0][0].image
     threads = [int(t) for t in args.cost_threads.split(",") if t]
     modes = [m for m in args.modes.split(",") if m]

@@ -57,6 +57,13 @@ def load_set(data: Path, cfg: PickerConfig):
     return out
 
 
+def split_names(names) -> tuple[list[str], list[str], list[str]]:
+    """The README's split of micrograph names (stems): the 4 training, the 2 validation, the rest for testing."""
+    names = list(names)
+    return ([PREFIX + n for n in TRAIN], [PREFIX + n for n in VAL],
+            [k for k in names if k.removeprefix(PREFIX) not in TRAIN + VAL])
+
+
 def _picking(model, cfg, val, test, test_maps) -> dict:
     from crisp_ext.centres.postprocess import pick_centres
     from crisp_ext.centres.select import select_finder
@@ -92,10 +99,10 @@ def main(argv=None) -> int:
     if args.threads:
         cfg.train.threads = args.threads
     data = load_set(args.data, cfg)
-    names = {k.removeprefix(PREFIX): k for k in data}
-    train = [data[names[n]][0] for n in TRAIN]
-    val = [data[names[n]][0] for n in VAL]
-    test = [data[k] for k in data if k.removeprefix(PREFIX) not in TRAIN + VAL]
+    train_names, val_names, test_names = split_names(data)
+    train = [data[k][0] for k in train_names]
+    val = [data[k][0] for k in val_names]
+    test = [data[k] for k in test_names]
 
     cpu0 = time.process_time()
     result = train_model(train, val, cfg, args.out, progress=lambda e: print(e.line(), flush=True),

@@ -26,7 +26,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from eval_empiar10017 import DIAMETER, PREFIX, TRAIN, VAL  # noqa: E402
+from eval_empiar10017 import DIAMETER, split_names  # noqa: E402
 
 from crisp_ext.centres.postprocess import pick_centres  # noqa: E402
 from crisp_ext.centres.select import DEFAULT_FINDERS, select_finder  # noqa: E402
@@ -58,8 +58,7 @@ def main(argv=None) -> int:
         truths[mrc.stem] = work.scale.to_working(read_coordinates(args.data / "coords" / f"{mrc.stem}.star").xy)
     print(f"predicted {len(maps)} maps in {time.perf_counter() - t0:.0f} s (working shape "
           f"{next(iter(maps.values())).shape}, D = {d:g} working px)", flush=True)
-    val = [PREFIX + n for n in VAL]
-    test = [k for k in maps if k.removeprefix(PREFIX) not in TRAIN + VAL]
+    _, val, test = split_names(maps)
     options = _centre_options(cfg, d)
 
     rows = []

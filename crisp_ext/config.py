@@ -46,6 +46,11 @@ class LabelConfig:
     ignore_band: float = 0.0  # a ring this wide (in diameters) around each disk is left out of the loss
     background_weight: float = 1.0  # loss weight of background pixels farther than ignore_far from any pick
     ignore_far: float | None = None  # distance (in diameters) beyond which background_weight applies; None = off
+    # Centre target: > 0 adds a second output channel trained (this weight times BCE) towards a Gaussian peak at
+    # every pick (the maximum over picks, so touching particles keep separate peaks); centres are then found on
+    # that channel, the segmentation channel is still trained. 0 = one channel, centres found on the segmentation.
+    centre_weight: float = 0.0
+    centre_sigma: float = 0.1  # width (standard deviation) of the centre target's peaks, in diameters
     threshold: str = "li"  # reprojection: li | otsu | yen | triangle | mean | fraction
     threshold_fraction: float = 0.1  # used when threshold == "fraction"
 
@@ -187,6 +192,10 @@ class PickerConfig:
                             spatial_weight=1.0, bilateral_weight=1.0, x0_weight=0.5, finetune_epochs=50)
         cfg.predict = PredictConfig(tile=512, overlap=64, bf16=False)
         return cfg
+
+    def output_channels(self) -> int:
+        """The network's output channels: the segmentation, and the centre target when it is trained."""
+        return 2 if self.labels.centre_weight > 0 else 1
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

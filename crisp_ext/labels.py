@@ -30,10 +30,12 @@ from .errors import InputError
 
 @dataclass
 class Labels:
-    """``target``: float32 {0, 1} (H, W); ``weight``: float32 (H, W) >= 0, 0 = ignored pixel."""
+    """``target``: float32 {0, 1} (H, W); ``weight``: float32 (H, W) >= 0, 0 = ignored pixel; ``centre``: float32
+    (H, W) in [0, 1], a Gaussian peak at every pick (``LabelConfig.centre_weight > 0``), else None."""
 
     target: np.ndarray
     weight: np.ndarray
+    centre: np.ndarray | None = None
 
     @property
     def ignore(self) -> np.ndarray:
@@ -43,6 +45,12 @@ class Labels:
     def __post_init__(self):
         if self.target.shape != self.weight.shape:
             raise ValueError(f"label target {self.target.shape} and weight {self.weight.shape} differ in shape")
+        if self.centre is not None and self.centre.shape != self.target.shape:
+            raise ValueError(f"label target {self.target.shape} and centre {self.centre.shape} differ in shape")
+
+    def channels(self) -> list[np.ndarray]:
+        """The training targets, one per network output channel."""
+        return [self.target] + ([self.centre] if self.centre is not None else [])
 
 
 def disk_mask(shape: tuple[int, int], centres_xy, radius: float) -> np.ndarray:
@@ -64,6 +72,26 @@ def disk_mask(shape: tuple[int, int], centres_xy, radius: float) -> np.ndarray:
         dx2 = (np.arange(c0, c1) - x) ** 2
         dy2 = (np.arange(r0, r1) - y) ** 2
         out[r0:r1, c0:c1] |= (dy2[:, None] + dx2[None, :]) <= r2
+    return out
+
+
+def centre_map(shape: tuple[int, int], centres_xy, sigma: float) -> np.ndarray:
+    """float32 map of ``shape``: at every pixel the largest of the Gaussians ``exp(-d² / 2σ²)`` centred on the
+    (sub-pixel) centres (x, y); 1 at a centre, separate peaks for touching particles."""
+    h, w = int(shape[0]), int(shape[1])
+    out = np.zeros((h, w), dtype=np.float32)
+    centres = np.asarray(centres_xy, dtype=np.float64).reshape(-1, 2)
+    if sigma <= 0 or len(centres) == 0:
+        return out
+    reach = int(math.ceil(3.0 * sigma))
+    for x, y in centres:
+        c0, c1 = max(int(math.floor(x)) - reach, 0), min(int(math.ceil(x)) + reach + 1, w)
+        r0, r1 = max(int(math.floor(y)) - reach, 0), min(int(math.ceil(y)) + reach + 1, h)
+        if c0 >= c1 or r0 >= r1:
+            continue
+        gx = np.exp(-((np.arange(c0, c1) - x) ** 2) / (2 * sigma * sigma))
+        gy = np.exp(-((np.arange(r0, r1) - y) ** 2) / (2 * sigma * sigma))
+        np.maximum(out[r0:r1, c0:c1], (gy[:, None] * gx[None, :]).astype(np.float32), out=out[r0:r1, c0:c1])
     return out
 
 
@@ -121,4 +149,9 @@ def make_labels(shape: tuple[int, int], centres_xy, diameter_px: float, cfg: Lab
             weight[far] = cfg.background_weight
         if band > 0:
             weight[(to_fg > 0) & (to_fg <= band)] = 0.0
-    return Labels(fg.astype(np.float32), weight)
+    centre = None
+    if cfg.centre_weight < 0 or cfg.centre_sigma <= 0:
+        raise InputError("labels.centre_weight must not be negative and labels.centre_sigma must be positive")
+    if cfg.centre_weight > 0:
+        centre = centre_map(shape, centres, cfg.centre_sigma * diameter_px)
+    return Labels(fg.astype(np.float32), weight, centre)

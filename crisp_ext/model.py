@@ -31,8 +31,9 @@ def _smp():
     return load_smp()
 
 
-def build_model(cfg: ModelConfig) -> nn.Module:
-    """An smp model as ``cfg`` says (``in_channels=1``, ``classes=1``: one logit per pixel)."""
+def build_model(cfg: ModelConfig, classes: int = 1) -> nn.Module:
+    """An smp model as ``cfg`` says (``in_channels=1``; ``classes`` logits per pixel: the segmentation, then the
+    centre target when there is one, see :meth:`crisp_ext.config.PickerConfig.output_channels`)."""
     smp = _smp()
     arch = cfg.arch.lower().replace("_", "").replace("-", "")
     if arch not in ARCHS:
@@ -50,7 +51,7 @@ def build_model(cfg: ModelConfig) -> nn.Module:
     local = weights is not None and weights != "imagenet"
     try:
         model = smp.create_model(arch, encoder_name=cfg.encoder, encoder_weights=None if local else weights,
-                                 in_channels=1, classes=1, **kwargs)
+                                 in_channels=1, classes=int(classes), **kwargs)
     except KeyError:
         raise InputError(f"unknown model.encoder {cfg.encoder!r}: use a name from smp's encoder list or a timm "
                          f"model as 'tu-<name>'") from None

@@ -114,7 +114,7 @@ def load_model_dir(path: str | Path, device: torch.device | str | None = None) -
                          f"an incompatible crisp-ext") from None
     device = resolve_device(device) if isinstance(device, str) or device is None else torch.device(device)
     # The weights file holds every tensor: do not fetch or read encoder weights again (the path may not exist here).
-    model = build_model(replace(cfg.model, encoder_weights=None))
+    model = build_model(replace(cfg.model, encoder_weights=None), cfg.output_channels())
     if info.get("crf", "none") != "none":
         from .crf import build_crf_segmenter
 

@@ -68,7 +68,16 @@ def autocast_context(device: torch.device, bf16: bool):
 
 def predict_map(model: nn.Module, image: np.ndarray, cfg: PredictConfig, device: torch.device | None = None
                 ) -> np.ndarray:
-    """Probability map (float32 (H, W) in [0, 1]) of a normalised working-scale micrograph."""
+    """The map centres are found on (float32 (H, W) in [0, 1]) of a normalised working-scale micrograph: the
+    centre channel of a two-channel network, else the segmentation probability."""
+    maps = predict_maps(model, image, cfg, device)
+    return maps[-1]
+
+
+def predict_maps(model: nn.Module, image: np.ndarray, cfg: PredictConfig, device: torch.device | None = None
+                 ) -> np.ndarray:
+    """Every output channel's probabilities (float32 (C, H, W) in [0, 1]): channel 0 the segmentation, channel 1
+    the centre target when the network has one."""
     image = np.asarray(image, dtype=np.float32)
     if image.ndim != 2:
         raise ValueError(f"predict_map expects a 2D image, got shape {image.shape}")
@@ -84,7 +93,7 @@ def predict_map(model: nn.Module, image: np.ndarray, cfg: PredictConfig, device:
     rows, cols = tile_starts(hp, th, overlap), tile_starts(wp, tw, overlap)
     window = np.outer(blend_window(th, overlap if len(rows) > 1 else 0),
                       blend_window(tw, overlap if len(cols) > 1 else 0)).astype(np.float32)
-    acc = np.zeros((hp, wp), dtype=np.float32)
+    acc = None
     norm = np.zeros((hp, wp), dtype=np.float32)
     coords = [(r, c) for r in rows for c in cols]
     batch = max(1, int(cfg.batch_size))
@@ -102,17 +111,19 @@ def predict_map(model: nn.Module, image: np.ndarray, cfg: PredictConfig, device:
                 if channels_last:
                     x = x.contiguous(memory_format=torch.channels_last)
                 prob = _forward(model, x, int(getattr(cfg, "tta", 1) or 1)).cpu().numpy()
+                if acc is None:
+                    acc = np.zeros((prob.shape[1], hp, wp), dtype=np.float32)
                 for (r, c), p in zip(chunk, prob):
-                    acc[r:r + th, c:c + tw] += p * window
+                    acc[:, r:r + th, c:c + tw] += p * window
                     norm[r:r + th, c:c + tw] += window
     finally:
         model.train(was_training)
-    out = acc[:h, :w] / norm[:h, :w]
+    out = acc[:, :h, :w] / norm[None, :h, :w]
     return np.clip(out, 0.0, 1.0, out=out)
 
 
 def _forward(model: nn.Module, x: torch.Tensor, tta: int) -> torch.Tensor:
-    """Probabilities (N, H, W) of a batch; with ``tta`` > 1 the mean over that many of the square's symmetries
+    """Probabilities (N, C, H, W) of a batch; with ``tta`` > 1 the mean over that many of the square's symmetries
     (2: a flip, 4: the four rotations, 8: rotations and flips), each mapped back before averaging."""
     if tta not in (1, 2, 4, 8):
         raise ValueError(f"predict.tta must be 1, 2, 4 or 8, not {tta}")
@@ -125,7 +136,7 @@ def _forward(model: nn.Module, x: torch.Tensor, tta: int) -> torch.Tensor:
         p = torch.flip(p, (3,)) if flip else p
         p = torch.rot90(p, -k, (2, 3)) if k else p
         total = p if total is None else total + p
-    return total[:, 0] / len(views)
+    return total / len(views)
 
 
 class _LoadAll(torch.utils.data.Dataset):

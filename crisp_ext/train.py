@@ -43,7 +43,7 @@ from .io.atomic import atomic_path, atomic_write_text
 from .labels import Labels
 from .losses import build_loss
 from .model import build_model, count_parameters, size_multiple
-from .predict import autocast_context, predict_map
+from .predict import autocast_context, predict_maps
 from .progress import ProgressCallback, ProgressEvent
 
 CHECKPOINT_VERSION = 1
@@ -126,16 +126,17 @@ class _PatchSampler:
         self.stacks = []
         for it in items:
             img = it.image.astype(np.float32, copy=False)
-            tgt, wgt = it.labels.target.astype(np.float32), it.labels.weight.astype(np.float32)
+            planes = [it.labels.weight.astype(np.float32)] + [t.astype(np.float32) for t in it.labels.channels()]
             ph, pw = max(0, patch - img.shape[0]), max(0, patch - img.shape[1])
             if ph or pw:
                 img = np.pad(img, ((0, ph), (0, pw)), mode="reflect")
-                tgt = np.pad(tgt, ((0, ph), (0, pw)))
-                wgt = np.pad(wgt, ((0, ph), (0, pw)))
-            self.stacks.append(np.stack([img, tgt, wgt]))
+                planes = [np.pad(a, ((0, ph), (0, pw))) for a in planes]
+            self.stacks.append(np.stack([img] + planes))
+        if len({s.shape[0] for s in self.stacks}) > 1:
+            raise InputError("training micrographs differ in their label channels (centre target on some only)")
 
     def epoch(self, rng: np.random.Generator, per_image: int) -> np.ndarray:
-        """``(N, 3, P, P)`` patches (image, target, weight) in shuffled order."""
+        """``(N, 2 + C, P, P)`` patches (image, weight, C targets) in shuffled order."""
         p = self.patch
         out = []
         for stack in self.stacks:
@@ -154,7 +155,8 @@ class _PatchSampler:
                         patch[0] = patch[0] * gain + float(rng.normal(0.0, self.jitter))
                 out.append(np.ascontiguousarray(patch))
         order = rng.permutation(len(out))
-        return np.stack([out[i] for i in order]) if out else np.zeros((0, 3, p, p), np.float32)
+        depth = self.stacks[0].shape[0] if self.stacks else 3
+        return np.stack([out[i] for i in order]) if out else np.zeros((0, depth, p, p), np.float32)
 
 
 # -- validation ----------------------------------------------------------------------------------------------------
@@ -175,7 +177,7 @@ def evaluate_maps(probs: list[np.ndarray], labels: list[Labels], threshold: floa
 
 def _validate(module: nn.Module, val: list[LabeledImage], cfg: PickerConfig, device: torch.device) -> dict:
     quick = dataclasses.replace(cfg.predict, tta=1)  # per-epoch validation: speed over the last percent
-    probs = [predict_map(module, it.image, quick, device) for it in val]
+    probs = [predict_maps(module, it.image, quick, device)[0] for it in val]  # the segmentation channel
     return evaluate_maps(probs, [it.labels for it in val])
 
 
@@ -193,7 +195,7 @@ def _fingerprint(train: list[LabeledImage], val: list[LabeledImage], cfg: Picker
     for group in (train, val):
         h.update(b"|")
         for it in group:
-            for arr in (it.image, it.labels.target, it.labels.weight):
+            for arr in (it.image, it.labels.weight, *it.labels.channels()):
                 h.update(str(arr.shape).encode())
                 h.update(np.ascontiguousarray(arr, dtype=np.float32).tobytes())
     return h.hexdigest()
@@ -291,11 +293,14 @@ def train_model(train: list[LabeledImage], val: list[LabeledImage], cfg: PickerC
     out_dir.mkdir(parents=True, exist_ok=True)
     device = resolve_device(tcfg.device)
     threads = configure_threads(tcfg.threads) if device.type == "cpu" else None
-    loss_fn = build_loss(tcfg.loss)
+    if cfg.output_channels() > 1 and cfg.crf.kind != "none":
+        raise InputError("labels.centre_weight > 0 (a centre channel) cannot be combined with a CRF; set "
+                         "crf.kind = 'none' or labels.centre_weight = 0")
+    loss_fn = _combined_loss(cfg)
     fingerprint = _fingerprint(train, val, cfg)
 
     torch.manual_seed(int(tcfg.seed))
-    model = build_model(cfg.model).to(device)
+    model = build_model(cfg.model, cfg.output_channels()).to(device)
     multiple = size_multiple(model)
     patch = int(np.ceil(tcfg.patch_size / multiple) * multiple)
     sampler = _PatchSampler(train, patch, bool(tcfg.augment), tcfg.jitter if tcfg.augment else 0.0)
@@ -393,6 +398,22 @@ def train_model(train: list[LabeledImage], val: list[LabeledImage], cfg: PickerC
                        earlier + time.perf_counter() - t_start, device, ckpt is not None)
 
 
+def _combined_loss(cfg: PickerConfig):
+    """``train.loss`` on the segmentation channel, plus ``labels.centre_weight`` times the weighted BCE of the
+    centre channel against its Gaussian target when the network has one."""
+    segmentation = build_loss(cfg.train.loss)
+    w = float(cfg.labels.centre_weight)
+    if cfg.output_channels() == 1:
+        return segmentation
+
+    def loss(logits, target, weight):
+        total = segmentation(logits[:, 0:1], target[:, 0:1], weight)
+        bce = torch.nn.functional.binary_cross_entropy_with_logits(logits[:, 1:2], target[:, 1:2], reduction="none")
+        return total + w * (bce * weight).sum() / weight.sum().clamp_min(1e-6)
+
+    return loss
+
+
 def _run_epoch(phase: _Phase, epoch: int, sampler: _PatchSampler, per_image: int, loss_fn, cfg: PickerConfig,
                device: torch.device, should_abort) -> dict:
     tcfg = cfg.train
@@ -410,7 +431,7 @@ def _run_epoch(phase: _Phase, epoch: int, sampler: _PatchSampler, per_image: int
         if should_abort is not None and should_abort():
             raise Aborted(f"training stopped on request during {phase.name} epoch {epoch}")
         batch = torch.from_numpy(patches[i:i + tcfg.batch_size]).to(device)
-        x, target, weight = batch[:, 0:1], batch[:, 1:2], batch[:, 2:3]
+        x, weight, target = batch[:, 0:1], batch[:, 1:2], batch[:, 2:]
         if channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
         phase.optimizer.zero_grad(set_to_none=True)

@@ -102,3 +102,29 @@ def test_picks_outside_or_on_the_border_are_clipped():
     lab = make_labels((20, 20), [[-1.0, 10.0], [19.5, 19.5], [100.0, 100.0]], 6.0, LabelConfig())
     assert lab.target[10, 0] == 1 and lab.target[19, 19] == 1
     assert lab.target.sum() < 2 * np.pi * 9
+
+
+def test_centre_target_peaks_on_each_pick_and_keeps_touching_particles_apart():
+    from crisp_ext.labels import centre_map
+
+    centres = np.array([[20.3, 30.6], [31.0, 30.0], [60.0, 12.4]])  # the first two touch (0.55 D apart at D = 20)
+    labels = make_labels((48, 80), centres, 20.0, LabelConfig(centre_weight=1.0, centre_sigma=0.1))
+    assert labels.centre is not None and labels.centre.dtype == np.float32
+    assert len(labels.channels()) == 2
+    c = labels.centre
+    assert c.max() <= 1.0 and c.min() >= 0.0
+    from scipy import ndimage
+
+    peaks = np.argwhere((c == ndimage.maximum_filter(c, size=5)) & (c > 0.5))
+    found = sorted((float(x), float(y)) for y, x in peaks)
+    # one peak per particle, on the integer pixel nearest each sub-pixel centre
+    assert found == sorted((float(np.floor(x + 0.5)), float(np.floor(y + 0.5))) for x, y in centres)
+    # the maximum of Gaussians, not their sum: the saddle between touching particles stays well below the peaks
+    assert c[30, 25] < 0.6
+    sigma = 2.0
+    np.testing.assert_allclose(c[31, 20], np.exp(-((20 - 20.3) ** 2 + (31 - 30.6) ** 2) / (2 * sigma ** 2)),
+                               rtol=1e-5)
+    np.testing.assert_array_equal(centre_map((10, 10), np.zeros((0, 2)), 2.0), 0)
+    assert make_labels((48, 80), centres, 20.0, LabelConfig()).centre is None
+    with pytest.raises(InputError, match="centre"):
+        make_labels((48, 80), centres, 20.0, LabelConfig(centre_weight=-1.0))

@@ -173,3 +173,38 @@ def test_crf_fine_tuning_is_a_second_phase(data, tmp_path):
     image = data[2].image
     np.testing.assert_array_equal(predict_map(loaded.model, image, cfg.predict),
                                   predict_map(result.model, image, cfg.predict))
+
+
+def test_a_centre_channel_is_trained_saved_and_its_peaks_sit_on_the_particles(tmp_path):
+    """Two output channels (segmentation, centre); the saved directory rebuilds them; predict_map gives the centre
+    channel, whose peaks lie on the particle centres of a synthetic micrograph."""
+    from crisp_ext.centres.postprocess import pick_centres
+    from crisp_ext.metrics import picking_metrics
+    from crisp_ext.model_dir import load_model_dir, save_model_dir
+    from crisp_ext.predict import predict_map, predict_maps
+
+    cfg = tiny_config(epochs=30)
+    cfg.labels = LabelConfig(centre_weight=1.0, centre_sigma=0.15)
+    cfg.train.patches_per_micrograph = 8
+    items = []
+    for i in range(3):
+        sim = simulate_micrograph((80, 80), n_particles=8, diameter_px=12.0, snr=2.0, seed=i)
+        items.append(LabeledImage(normalise(sim.image), make_labels(sim.image.shape, sim.centres, 12.0, cfg.labels),
+                                  f"mic{i}", sim.centres))
+    result = train_model(items[:2], items[2:], cfg, tmp_path / "run")
+    maps = predict_maps(result.model, items[2].image, cfg.predict)
+    assert maps.shape == (2, 80, 80)
+    np.testing.assert_array_equal(predict_map(result.model, items[2].image, cfg.predict), maps[1])
+    save_model_dir(tmp_path / "model", result.model, cfg, {})
+    loaded = load_model_dir(tmp_path / "model", device="cpu")
+    np.testing.assert_array_equal(predict_maps(loaded.model, items[2].image, cfg.predict), maps)
+    # the centre channel's peaks are the particles (the training micrographs: this is about the target's geometry)
+    for it in items[:2]:
+        cs = pick_centres(predict_map(result.model, it.image, cfg.predict), 12.0, "nms", None, 0.3)
+        m = picking_metrics([cs.xy], [cs.score], [it.truth_xy], 3.0)
+        assert m.recall >= 0.85 and m.precision >= 0.85, m
+    with pytest.raises(InputError, match="CRF"):
+        bad = tiny_config(epochs=1)
+        bad.labels = LabelConfig(centre_weight=1.0)
+        bad.crf = CRFConfig(kind="standard")
+        train_model(items[:1], [], bad, tmp_path / "bad")

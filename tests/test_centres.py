@@ -13,7 +13,6 @@ from crisp_ext.centres import (
     CentreSet,
     Selection,
     apply_edge,
-    dedup,
     deduplicate,
     find_centres,
     get_finder,
@@ -170,11 +169,11 @@ def test_edge_rule():
 def test_dedup_keeps_the_higher_score():
     xy = np.array([[0.0, 0], [3, 0], [10, 0], [20, 0], [22, 0]])
     score = np.array([0.2, 0.9, 0.5, 0.4, 0.3])
-    out = dedup(CentreSet(xy, score), 5.0)
+    out = deduplicate(CentreSet(xy, score), 5.0)
     assert sorted(map(tuple, out.xy)) == [(3, 0), (10, 0), (20, 0)]
     assert list(out.score) == sorted(out.score, reverse=True)
-    assert list(deduplicate(xy, score, 5.0)) == [1, 2, 3]
-    assert list(deduplicate(xy, score, 0.0)) == [1, 2, 3, 4, 0]  # nothing removed, score order
+    assert list(deduplicate(CentreSet(xy, score), 5.0).score) == [0.9, 0.5, 0.4]
+    assert list(deduplicate(CentreSet(xy, score), 0.0).score) == [0.9, 0.5, 0.4, 0.3, 0.2]  # none removed, by score
 
 
 def test_pick_centres_applies_edge_dedup_and_threshold(isolated):

@@ -1,13 +1,13 @@
 """Centre finding: probability maps (working scale) → particle centres with scores, and the choice of finder.
 
-Finders (registered in :data:`FINDERS`): ``nms`` (:mod:`.nms`), ``trackpy`` (:mod:`.trackpy_finder`),
+Finders (the registry :data:`FINDERS` in :mod:`.finders`): ``nms`` (:mod:`.nms`), ``trackpy`` (:mod:`.trackpy_finder`),
 ``morphology`` (:mod:`.morphology`). :func:`pick_centres` runs one with the edge rule, de-duplication and a score
 threshold; :func:`select_finder` chooses finder, settings and threshold on validation maps by average precision.
 """
 
-from . import morphology, nms, trackpy_finder  # noqa: F401  (register the finders)
-from .base import FINDERS, CentreSet, Finder, find_centres, get_finder
-from .postprocess import apply_edge, dedup, deduplicate, pick_centres, postprocess
+from .base import CentreSet, Finder
+from .finders import FINDERS, find_centres, get_finder
+from .postprocess import apply_edge, deduplicate, finish_picks, pick_centres
 from .select import Candidate, Selection, select_finder
 
 __all__ = [
@@ -17,11 +17,10 @@ __all__ = [
     "Finder",
     "Selection",
     "apply_edge",
-    "dedup",
     "deduplicate",
     "find_centres",
+    "finish_picks",
     "get_finder",
     "pick_centres",
-    "postprocess",
     "select_finder",
 ]

@@ -1,4 +1,4 @@
-"""Common ground of the centre finders: the result type, the finder interface and the registry.
+"""Common ground of the centre finders: the result type, the finder interface and greedy suppression.
 
 Everything here works at the *working scale*: ``prob`` is a probability map in [0, 1] of shape ``(H, W)`` (numpy
 array, or a torch tensor for the finders that run on tensors), ``diameter_px`` the particle diameter in its
@@ -125,23 +125,29 @@ class Finder:
         return f"<finder {self.name}>"
 
 
-FINDERS: dict[str, Finder] = {}
-
-
-def register(finder: Finder) -> Finder:
-    FINDERS[finder.name] = finder
-    return finder
-
-
-def get_finder(name: str) -> Finder:
-    """The registered finder called ``name``, or an error naming the choices."""
-    from . import morphology, nms, trackpy_finder  # noqa: F401  (register the built-in finders)
-
-    if name not in FINDERS:
-        raise ValueError(f"unknown centre finder {name!r} (choose from {', '.join(sorted(FINDERS))})")
-    return FINDERS[name]
-
-
-def find_centres(prob, diameter_px: float, finder: str, params: dict[str, Any] | None = None) -> CentreSet:
-    """Run the finder called ``finder`` with ``params`` (missing ones take the finder's defaults)."""
-    return get_finder(finder).find(prob, diameter_px, **(params or {}))
+def greedy_keep(score: np.ndarray, pairs: np.ndarray) -> np.ndarray:
+    """Indices kept by greedy suppression in score order (ties: lower index first): a pick is kept unless it is
+    in a conflict ``pairs`` (K, 2) with a pick already kept. Returned highest score first."""
+    n = len(score)
+    order = np.argsort(-score, kind="stable")
+    if n == 0 or len(pairs) == 0:
+        return order
+    rank = np.empty(n, dtype=np.int64)
+    rank[order] = np.arange(n)
+    a, b = pairs[:, 0], pairs[:, 1]
+    swap = rank[a] > rank[b]
+    strong = np.where(swap, b, a)
+    weak = np.where(swap, a, b)
+    srt = np.argsort(strong, kind="stable")
+    strong, weak = strong[srt], weak[srt]
+    starts = np.searchsorted(strong, np.arange(n + 1)).tolist()
+    weak_l = weak.tolist()
+    removed = np.zeros(n, dtype=bool)
+    kept = []
+    for i in order.tolist():
+        if removed[i]:
+            continue
+        kept.append(i)
+        for k in range(starts[i], starts[i + 1]):
+            removed[weak_l[k]] = True
+    return np.asarray(kept, dtype=np.int64)

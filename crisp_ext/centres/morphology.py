@@ -19,7 +19,7 @@ import numpy as np
 from scipy import ndimage as ndi
 from skimage.measure import label
 
-from .base import CentreSet, Finder, register
+from .base import CentreSet, Finder
 
 
 def _erode(mask: np.ndarray, r: float) -> np.ndarray:
@@ -83,5 +83,3 @@ class MorphologyFinder(Finder):
         by = np.array([(s[0].start + s[0].stop - 1) / 2 for s in boxes])
         return area, np.stack([bx, by], 1), np.stack([cx, cy], 1), wsum / area
 
-
-register(MorphologyFinder())

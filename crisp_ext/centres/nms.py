@@ -27,8 +27,7 @@ import torch.nn.functional as F
 from scipy import ndimage as ndi
 from scipy.spatial import cKDTree
 
-from .base import CentreSet, Finder, check_diameter, check_map, register
-from .postprocess import greedy_keep
+from .base import CentreSet, Finder, check_diameter, check_map, greedy_keep
 
 
 def _as_tensor(prob) -> torch.Tensor:
@@ -53,15 +52,9 @@ def _kernel(diameter_px: float, sigma: float) -> np.ndarray:
     return k / k.sum()
 
 
-def score_map(prob, diameter_px: float, sigma: float = 0.12) -> torch.Tensor:
-    """Gaussian-weighted mean probability over a particle-sized window (std ``sigma`` diameters), in [0, 1].
-
-    Returned on the device of ``prob`` (CPU for numpy input). On CPU scipy's separable filter is used (several
-    times faster than ``conv2d`` there), on other devices ``conv2d``."""
-    return _score_map(_as_tensor(prob), check_diameter(diameter_px), sigma)
-
-
 def _score_map(p: torch.Tensor, d: float, sigma: float, conv: bool | None = None) -> torch.Tensor:
+    """Gaussian-weighted mean probability over a particle-sized window (std ``sigma`` diameters), in [0, 1], on
+    the device of ``p``: scipy's separable filter on the CPU (several times faster there), ``conv2d`` elsewhere."""
     k = _kernel(d, sigma)
     if not (p.device.type != "cpu" if conv is None else conv):
         a = p.numpy()
@@ -177,5 +170,3 @@ class NMSFinder(Finder):
         keep = suppress_overlaps(xy, score, diameter_px, params["overlap"])
         return CentreSet(xy[keep], score[keep])
 
-
-register(NMSFinder())

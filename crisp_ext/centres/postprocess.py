@@ -21,37 +21,10 @@ import numpy as np
 from scipy.ndimage import map_coordinates
 from scipy.spatial import cKDTree
 
-from .base import CentreSet, get_finder
+from .base import CentreSet, greedy_keep
+from .finders import get_finder
 
 EDGE_MODES = ("drop", "keep")
-
-
-def greedy_keep(score: np.ndarray, pairs: np.ndarray) -> np.ndarray:
-    """Indices kept by greedy suppression in score order (ties: lower index first): a pick is kept unless it is
-    in a conflict ``pairs`` (K, 2) with a pick already kept. Returned highest score first."""
-    n = len(score)
-    order = np.argsort(-score, kind="stable")
-    if n == 0 or len(pairs) == 0:
-        return order
-    rank = np.empty(n, dtype=np.int64)
-    rank[order] = np.arange(n)
-    a, b = pairs[:, 0], pairs[:, 1]
-    swap = rank[a] > rank[b]
-    strong = np.where(swap, b, a)
-    weak = np.where(swap, a, b)
-    srt = np.argsort(strong, kind="stable")
-    strong, weak = strong[srt], weak[srt]
-    starts = np.searchsorted(strong, np.arange(n + 1)).tolist()
-    weak_l = weak.tolist()
-    removed = np.zeros(n, dtype=bool)
-    kept = []
-    for i in order.tolist():
-        if removed[i]:
-            continue
-        kept.append(i)
-        for k in range(starts[i], starts[i + 1]):
-            removed[weak_l[k]] = True
-    return np.asarray(kept, dtype=np.int64)
 
 
 def apply_edge(picks: CentreSet, shape: tuple[int, int], box_px: float, edge: str = "drop") -> CentreSet:
@@ -70,9 +43,13 @@ def apply_edge(picks: CentreSet, shape: tuple[int, int], box_px: float, edge: st
     return picks.subset(inside)
 
 
-def deduplicate(xy: np.ndarray, score: np.ndarray, min_distance_px: float) -> np.ndarray:
-    """Indices of the picks kept when every pick closer than ``min_distance_px`` to a higher-scoring kept pick is
-    removed (equal scores: the earlier pick wins); highest score first."""
+def deduplicate(picks: CentreSet, min_distance_px: float) -> CentreSet:
+    """The picks kept when every pick closer than ``min_distance_px`` to a higher-scoring kept pick is removed
+    (equal scores: the earlier pick wins), highest score first."""
+    return picks.subset(_kept(picks.xy, picks.score, min_distance_px))
+
+
+def _kept(xy: np.ndarray, score: np.ndarray, min_distance_px: float) -> np.ndarray:
     xy = np.asarray(xy, dtype=np.float64).reshape(-1, 2)
     score = np.asarray(score, dtype=np.float64).reshape(-1)
     if min_distance_px <= 0 or len(xy) < 2:
@@ -82,11 +59,6 @@ def deduplicate(xy: np.ndarray, score: np.ndarray, min_distance_px: float) -> np
         d = np.linalg.norm(xy[pairs[:, 0]] - xy[pairs[:, 1]], axis=1)
         pairs = pairs[d < min_distance_px]
     return greedy_keep(score, pairs)
-
-
-def dedup(picks: CentreSet, min_distance_px: float) -> CentreSet:
-    """:func:`deduplicate` on a :class:`CentreSet` (result sorted by score)."""
-    return picks.subset(deduplicate(picks.xy, picks.score, min_distance_px))
 
 
 def refine_centres(prob, xy: np.ndarray, sigma_px: float, iterations: int = 5) -> np.ndarray:
@@ -117,14 +89,14 @@ def refine_centres(prob, xy: np.ndarray, sigma_px: float, iterations: int = 5) -
     return xy
 
 
-def postprocess(picks: CentreSet, shape: tuple[int, int], box_px: float, edge: str = "drop",
+def finish_picks(picks: CentreSet, shape: tuple[int, int], box_px: float, edge: str = "drop",
                 min_distance_px: float = 0.0, prob=None, refine_sigma_px: float = 0.0) -> CentreSet:
     """Centre refinement on ``prob`` (when given and ``refine_sigma_px`` > 0), the edge rule, then de-duplication (a
     pick that the edge rule drops does not suppress a neighbour; picks that refinement pulled together merge). All
     commute with a score threshold, so thresholding may come before or after."""
     if prob is not None and refine_sigma_px > 0 and len(picks):
         picks = CentreSet(refine_centres(prob, picks.xy, refine_sigma_px), picks.score)
-    return dedup(apply_edge(picks, shape, box_px, edge), min_distance_px)
+    return deduplicate(apply_edge(picks, shape, box_px, edge), min_distance_px)
 
 
 def pick_centres(prob, diameter_px: float, finder: str, params: dict[str, Any] | None = None,
@@ -136,4 +108,4 @@ def pick_centres(prob, diameter_px: float, finder: str, params: dict[str, Any] |
     picks = get_finder(finder).find(prob, diameter_px, **(params or {}))
     box = float(diameter_px) if box_px is None else float(box_px)
     md = 0.5 * float(diameter_px) if min_distance_px is None else float(min_distance_px)
-    return postprocess(picks, np.shape(prob)[-2:], box, edge, md, prob, refine_sigma_px).above(threshold)
+    return finish_picks(picks, np.shape(prob)[-2:], box, edge, md, prob, refine_sigma_px).above(threshold)

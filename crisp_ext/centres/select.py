@@ -28,8 +28,9 @@ from typing import Any
 import numpy as np
 
 from ..metrics import PRCurve, pr_curve
-from .base import CentreSet, check_diameter, check_map, get_finder
-from .postprocess import EDGE_MODES, postprocess
+from .base import CentreSet, check_diameter, check_map
+from .finders import get_finder
+from .postprocess import EDGE_MODES, finish_picks
 
 DEFAULT_FINDERS = ("nms", "trackpy", "morphology")
 
@@ -222,7 +223,7 @@ def select_finder(prob_maps: Sequence, truths: Sequence, diameter_px: float,
         t0 = time.perf_counter()
         for m in maps:
             for k, picks in enumerate(finder.find_grid(m, d, points)):
-                per_point[k].append(postprocess(picks, m.shape, box, edge, min_dist, m, refine_sigma_px))
+                per_point[k].append(finish_picks(picks, m.shape, box, edge, min_dist, m, refine_sigma_px))
         seconds = (time.perf_counter() - t0) / (len(maps) * len(points))
         best_ap = 0.0
         for point, picks in zip(points, per_point):

@@ -23,7 +23,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from .base import CentreSet, Finder, register
+from .base import CentreSet, Finder
 
 AUTO_DIAMETER_PX = 14.0  # particle diameter after automatic downscaling
 
@@ -107,5 +107,3 @@ class TrackpyFinder(Finder):
         keep = score > params["minmass"]
         return CentreSet(xy[keep], score[keep])
 
-
-register(TrackpyFinder())

@@ -167,7 +167,7 @@ def find_live_output(project, spec: ReferenceSpec) -> tuple[str, str, str]:
 
 def load_offline(project_dir: Path, spec: ReferenceSpec, path_map) -> ReferenceMask:
     """The reference of ``spec`` in a project directory (a job's output through ``job.json``, or a file)."""
-    from .offline import _load_results, job_outputs
+    from .project_files import job_outputs, load_results
     from .paths import locate
 
     if spec.path is not None:
@@ -176,7 +176,7 @@ def load_offline(project_dir: Path, spec: ReferenceSpec, path_map) -> ReferenceM
     name, slot = choose_slot(spec, [(n, [r.name for r in o.results]) for n, o in outputs.items()])
     label = f"{spec.source.job}:{name}/{slot}"
     result = next(r for r in outputs[name].results if r.name == slot)
-    dset = _load_results([result], Path(project_dir), path_map, label)
+    dset = load_results([result], Path(project_dir), path_map, label)
     blob, psize = blob_of(dset, slot, label)
     local = locate(blob, Path(project_dir), path_map)
     if local is None:

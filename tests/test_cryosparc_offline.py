@@ -11,7 +11,7 @@ from cryosparc_scene import DIAMETER_A, SHAPE, TINY, seed_scene, tiny_model_dir 
 from fakes.cryosparc_server import FakeCryoSPARC
 
 from crisp_ext.errors import InputError
-from cryosparc_job import offline, records
+from cryosparc_job import offline, project_files, records
 from cryosparc_job.paths import PathMap
 
 
@@ -23,7 +23,7 @@ def project(tmp_path):
 
 
 def _micrographs(fake, scene):
-    mic_data, _ = offline.read_output(fake.project_dir, "J1", "exposure")
+    mic_data, _ = project_files.read_output(fake.project_dir, "J1", "exposure")
     return records.micrographs_from_exposures(mic_data, lambda p: fake.project_dir / p)
 
 
@@ -37,11 +37,11 @@ def test_outputs_read_through_both_job_json_layouts(project, layout):
     fake, scene = project
     for job in ("J1", "J2"):
         fake.write_job_json(job, layout=layout)
-    exp, label = offline.read_output(fake.project_dir, "J1", "exposure")
+    exp, label = project_files.read_output(fake.project_dir, "J1", "exposure")
     assert label == "J1:exposures" and len(exp) == 3
     np.testing.assert_array_equal(exp["uid"], scene.exposures.dataset["uid"])
     assert list(exp["micrograph_blob/path"]) == scene.exposures.paths
-    parts, label = offline.read_output(fake.project_dir, ("J2", "particles_selected"), "particle")
+    parts, label = project_files.read_output(fake.project_dir, ("J2", "particles_selected"), "particle")
     assert label == "J2:particles_selected" and set(parts.prefixes()) == {"location", "alignments3D"}
     # pixel -> fraction (Dataset.save on disk, f4) -> pixel, on 256 x 384 micrographs
     curated, unmatched = records.particles_from_dataset(parts.filter_prefixes(["location"]),
@@ -58,7 +58,7 @@ def test_outputs_read_through_both_job_json_layouts(project, layout):
 def test_passthrough_files_are_joined(tmp_path):
     fake = FakeCryoSPARC(tmp_path / "proj")
     scene = seed_scene(fake, passthrough_slots=["ctf"])
-    exp, _ = offline.read_output(fake.project_dir, "J1:exposures", "exposure")
+    exp, _ = project_files.read_output(fake.project_dir, "J1:exposures", "exposure")
     assert {"micrograph_blob", "ctf"} <= set(exp.prefixes())
     np.testing.assert_allclose(exp["ctf/df1_A"], [12000, 13000, 14000])
     assert list(exp["micrograph_blob/path"]) == scene.exposures.paths
@@ -69,8 +69,8 @@ def test_csg_and_bare_cs_fallbacks(project, tmp_path):
     proj = fake.project_dir
     (proj / "J2" / "job.json").unlink()
     with pytest.raises(InputError, match="name the output"):
-        offline.read_output(proj, "J2", "particle")
-    bare, _ = offline.read_output(proj, "J2:particles_selected", "particle")  # J2/J2_particles_selected.cs
+        project_files.read_output(proj, "J2", "particle")
+    bare, _ = project_files.read_output(proj, "J2:particles_selected", "particle")  # J2/J2_particles_selected.cs
     assert len(bare) == len(scene.particles.dataset)
     export = tmp_path / "exports"
     export.mkdir()
@@ -78,10 +78,10 @@ def test_csg_and_bare_cs_fallbacks(project, tmp_path):
     csg = export / "picked.csg"
     csg.write_text(yaml.safe_dump({"group": {"name": "particles", "type": "particle"}, "results": {
         "location": {"metafile": ">picked.cs", "num_items": len(bare), "type": "particle.location"}}}))
-    via_csg, label = offline.read_output(proj, str(csg), "particle")
+    via_csg, label = project_files.read_output(proj, str(csg), "particle")
     assert label == str(csg) and via_csg.prefixes() == ["location"]
     np.testing.assert_array_equal(via_csg["location/center_x_frac"], bare["location/center_x_frac"])
-    via_cs, _ = offline.read_output(proj, str(export / "picked.cs"), "particle")
+    via_cs, _ = project_files.read_output(proj, str(export / "picked.cs"), "particle")
     assert len(via_cs) == len(bare)
 
 
@@ -95,7 +95,7 @@ def test_csg_and_bare_cs_fallbacks(project, tmp_path):
 def test_bad_sources_are_one_line_errors(project, source, kind, message):
     fake, _ = project
     with pytest.raises(InputError, match=message) as err:
-        offline.read_output(fake.project_dir, source, kind)
+        project_files.read_output(fake.project_dir, source, kind)
     assert "\n" not in str(err.value)
 
 
@@ -112,7 +112,7 @@ def test_result_group_files_are_what_import_result_group_reads(tmp_path):
     assert doc["results"] == {slot: {"metafile": ">picks.cs", "num_items": 4, "type": f"particle.{slot}"}
                               for slot in ("location", "pick_stats")}
     assert doc["version"] == "v4.7.1" and "created" in doc
-    again = offline.read_csg(csg_path)
+    again = project_files.read_csg(csg_path)
     assert sorted(again.fields()) == sorted(dset.fields())
 
 
@@ -136,7 +136,7 @@ def test_offline_pick_writes_an_importable_group_without_touching_the_project(pr
     assert [paths[str(u)] for u in saved["location/micrograph_uid"]] == list(saved["location/micrograph_path"])
     doc = yaml.safe_load(run.csg_path.read_text())
     assert doc["results"]["location"]["num_items"] == len(saved)
-    assert set(offline.read_csg(run.csg_path).fields()) == set(saved.fields())
+    assert set(project_files.read_csg(run.csg_path).fields()) == set(saved.fields())
 
 
 def test_offline_training_run_with_poses_and_v5_layout(tmp_path):

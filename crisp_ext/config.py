@@ -9,9 +9,55 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, get_type_hints
+from typing import Any, Iterable, get_type_hints
+
+from .errors import InputError
+
+
+class ConfigError(InputError):
+    """A configuration value, key, file or command-line option that cannot be used (the message names it)."""
+
+
+def parse_diameter(text: str, *, default_unit: str | None = None) -> tuple[float | None, float | None]:
+    """``'190A'``, ``'190Å'``, ``'190 A'`` -> (190, None) in Å; ``'27px'`` -> (None, 27) in pixels. A bare number
+    takes ``default_unit`` ("A" or "px"); without one the unit is required."""
+    m = re.fullmatch(r"\s*([0-9]*\.?[0-9]+(?:[eE][-+]?\d+)?)\s*(a|å|ang|angstroms?|px|pix|pixels?)?\s*",
+                     str(text).lower())
+    if not m or (m.group(2) is None and default_unit is None):
+        unit = "e.g. 190A or 27px" if default_unit is None else "e.g. 190 (Å), 190A or 27px"
+        raise ConfigError(f"diameter {text!r}: give a number with its unit, {unit}")
+    value = float(m.group(1))
+    if value <= 0:
+        raise ConfigError(f"diameter {text!r} must be positive")
+    unit = m.group(2) or default_unit.lower()
+    return (None, value) if unit.startswith("p") else (value, None)
+
+
+def parse_value(text: str):
+    """A ``--set`` value: JSON when it parses (numbers, true/false, null, lists, objects), else the text itself."""
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError:
+        return text
+
+
+def parse_overrides(items: Iterable[str]) -> dict[str, Any]:
+    """``KEY=VALUE`` items (each may hold several, comma separated: ``a.b=1,c.d=x``; a comma starts a new item only
+    when ``KEY=`` follows it, so ``m.channels=[64,32]`` stays one) -> ``{"a.b": 1, "c.d": "x"}``."""
+    out: dict[str, Any] = {}
+    for token in items:
+        for item in (t for t in re.split(r",(?=\s*[A-Za-z_][\w.]*\s*=)", str(token)) if t.strip()):
+            if "=" not in item:
+                raise ConfigError(f"--set {item.strip()!r}: expected KEY=VALUE, e.g. train.epochs=20")
+            key, value = item.split("=", 1)
+            key, value = key.strip(), value.strip().rstrip(",").strip()
+            if not key:
+                raise ConfigError(f"--set {item.strip()!r}: expected KEY=VALUE, e.g. train.epochs=20")
+            out[key] = parse_value(value)
+    return out
 
 
 @dataclass
@@ -214,22 +260,22 @@ class PickerConfig:
             parts = key.split(".")
             for p in parts[:-1]:
                 if not isinstance(node, dict) or p not in node:
-                    raise KeyError(f"unknown config key {key!r}")
+                    raise ConfigError(f"unknown config key {key!r} (see 'crisp-ext config' for the keys)")
                 node = node[p]
             if not isinstance(node, dict) or parts[-1] not in node:
-                raise KeyError(f"unknown config key {key!r}")
+                raise ConfigError(f"unknown config key {key!r} (see 'crisp-ext config' for the keys)")
             node[parts[-1]] = value
         return PickerConfig.from_dict(data)
 
 
 def _from_dict(cls, data: dict[str, Any], prefix: str):
     if not isinstance(data, dict):
-        raise ValueError(f"config section {prefix or '<root>'!r} must be a table, got {type(data).__name__}")
+        raise ConfigError(f"config section {prefix or '<root>'!r} must be a table, got {type(data).__name__}")
     hints = get_type_hints(cls)
     names = {f.name for f in dataclasses.fields(cls)}
     unknown = set(data) - names
     if unknown:
-        raise ValueError(f"unknown config key {prefix + sorted(unknown)[0]!r}")
+        raise ConfigError(f"unknown config key {prefix + sorted(unknown)[0]!r} (see 'crisp-ext config' for the keys)")
     kwargs = {}
     for f in dataclasses.fields(cls):
         if f.name not in data:
@@ -249,7 +295,7 @@ def _coerce(value, hint, key: str):
     if value is None or (isinstance(value, str) and value.lower() in ("none", "null") and optional):
         if optional:
             return None
-        raise ValueError(f"config key {key!r} may not be empty")
+        raise ConfigError(f"config key {key!r} may not be empty")
     try:
         if hint is bool:
             if isinstance(value, str):
@@ -276,7 +322,7 @@ def _coerce(value, hint, key: str):
                 value = json.loads(value)
             return {str(k): v for k, v in dict(value).items()}
     except (TypeError, ValueError):
-        raise ValueError(f"config key {key!r}: cannot use {value!r} (expected {text})") from None
+        raise ConfigError(f"config key {key!r}: cannot use {value!r} (expected {text})") from None
     return value
 
 
@@ -284,8 +330,11 @@ def load_config(path: str | Path) -> PickerConfig:
     """Read a config from TOML (.toml), YAML (.yaml/.yml) or JSON (.json). Missing keys take defaults."""
     path = Path(path)
     if not path.is_file():
-        raise FileNotFoundError(f"config file {path} not found")
-    text = path.read_text()
+        raise ConfigError(f"{path}: config file not found (write one with 'crisp-ext config --out FILE')")
+    try:
+        text = path.read_text()
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"{path}: cannot read the config file ({exc.__class__.__name__})") from None
     suffix = path.suffix.lower()
     try:
         if suffix == ".toml":
@@ -301,15 +350,16 @@ def load_config(path: str | Path) -> PickerConfig:
         elif suffix == ".json":
             data = json.loads(text)
         else:
-            raise ValueError(f"{path}: unknown config format {suffix!r} (use .toml, .yaml or .json)")
-    except ValueError:
+            raise ConfigError(f"{path}: unknown config format {suffix!r} (use .toml, .yaml or .json)")
+    except ConfigError:
         raise
-    except Exception as exc:  # parse errors of the three libraries
-        raise ValueError(f"{path}: cannot parse config: {exc}") from None
+    except Exception as exc:  # parse errors of the three libraries (JSON's, TOML's and YAML's: all one line here)
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else exc.__class__.__name__
+        raise ConfigError(f"{path}: cannot parse the config file: {first}") from None
     try:
         return PickerConfig.from_dict(data)
-    except ValueError as exc:
-        raise ValueError(f"{path}: {exc}") from None
+    except ConfigError as exc:
+        raise ConfigError(f"{path}: {exc}") from None
 
 
 def field_comments() -> dict[str, dict[str, str]]:

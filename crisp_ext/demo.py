@@ -1,9 +1,10 @@
-"""``crisp-ext demo``: a small synthetic project, picked end to end through the same command a user runs.
+"""``crisp-ext demo``: a small synthetic project, picked end to end by the library a user's command runs.
 
 It simulates micrographs (:mod:`crisp_ext.simulate`), writes them as MRC files with curated picks (RELION
-coordinate STAR, 10 % of the particles left unpicked as in real curated sets) on a few of them, runs
-``crisp-ext pick`` (train, choose the centre finder, pick every micrograph) and ``crisp-ext evaluate`` on the
-micrographs nobody picked, against the simulator's ground truth.
+coordinate STAR, 10 % of the particles left unpicked as in real curated sets) on a few of them, reads them back as
+``crisp-ext pick`` does, trains, chooses the centre finder and picks every micrograph (:func:`crisp_ext.pipeline.run`,
+coordinate files written as ``crisp-ext pick`` writes them), and evaluates the micrographs nobody picked against the
+simulator's ground truth (:func:`crisp_ext.evaluation.evaluate_picks`). The equivalent commands are printed.
 """
 
 from __future__ import annotations
@@ -45,7 +46,15 @@ def make_project(root: Path, *, n_micrographs: int, shape: tuple[int, int], n_pi
 
 
 def run_demo(out: Path, *, quick: bool = False, seed: int = 0, quiet: bool = False) -> int:
-    from .cli import main as cli_main
+    import json
+
+    from .config import PickerConfig
+    from .evaluation import evaluate_picks
+    from .io.atomic import atomic_write_text
+    from .io.inputs import find_micrographs, read_picks
+    from .io.outputs import CoordinateWriter
+    from .pipeline import run
+    from .progress import LinePrinter, TqdmReporter
 
     out = Path(out)
     t0 = time.perf_counter()
@@ -54,30 +63,24 @@ def run_demo(out: Path, *, quick: bool = False, seed: int = 0, quiet: bool = Fal
           f"(particle {DEMO_DIAMETER_A:g} Å = {DEMO_DIAMETER_A / DEMO_PIXEL_SIZE:g} px), curated picks on {n_picked}",
           flush=True)
     project = make_project(out / "project", n_micrographs=n, shape=shape, n_picked=n_picked, seed=seed)
-    test = project["names"][n_picked:]
-    args = ["pick", "--mics", str(project["micrographs"]), "--picks", str(project["picks"]),
-            "--diameter", f"{DEMO_DIAMETER_A:g}A", "--out", str(out / "picks"),
-            "--train-mics", ",".join(project["names"][: n_picked - 2]),
-            "--val-mics", ",".join(project["names"][n_picked - 2: n_picked])]
-    for key, value in demo_settings(quick).items():
-        args += ["--set", f"{key}={value}"]
-    if quiet:
-        args.append("--quiet")
-    print("$ crisp-ext " + " ".join(args), flush=True)
-    rc = cli_main(args)
-    if rc:
-        return rc
-    metrics_path = out / "evaluation.json"
-    eval_args = ["evaluate", "--mics", str(project["micrographs"]), "--picks", str(out / "picks" / "coordinates"),
-                 "--truth", str(project["truth"]), "--diameter", f"{DEMO_DIAMETER_A:g}A", "--only", ",".join(test),
-                 "--json", str(metrics_path)]
-    print("$ crisp-ext " + " ".join(eval_args), flush=True)
-    rc = cli_main(eval_args)
-    if rc:
-        return rc
-    import json
-
-    total = json.loads(metrics_path.read_text())["total"]
+    names, test = project["names"], project["names"][n_picked:]
+    train, val = names[: n_picked - 2], names[n_picked - 2: n_picked]
+    settings = demo_settings(quick)
+    print("same as: crisp-ext pick --mics {} --picks {} --diameter {:g}A --out {} --train-mics {} --val-mics {} {}"
+          .format(project["micrographs"], project["picks"], DEMO_DIAMETER_A, out / "picks", ",".join(train),
+                  ",".join(val), " ".join(f"--set {k}={v}" for k, v in settings.items())), flush=True)
+    cfg = PickerConfig().updated({"particle.diameter_A": DEMO_DIAMETER_A, **settings})
+    mics = find_micrographs(project["micrographs"])
+    picks = read_picks(project["picks"], mics)
+    writer = CoordinateWriter(out / "picks" / "coordinates", "crisp")
+    result = run(mics, cfg, work_dir=out / "picks", particles=picks, train_ids=train, val_ids=val,
+                 on_ready=writer.ready, on_picked=writer.picked,
+                 progress=LinePrinter() if quiet else TqdmReporter())
+    truth = read_picks(project["truth"], mics)
+    held_out = [m for m in mics if m.name in set(test)]
+    report = evaluate_picks(held_out, result.picks, truth, (DEMO_DIAMETER_A, None))
+    atomic_write_text(out / "evaluation.json", json.dumps(report, indent=2) + "\n")
+    total = report["total"]
     picture = _held_out_picture(out, project, test[-1])
     print(f"\ndemo result on {len(test)} micrographs nobody picked: precision {total['precision']:.3f}  "
           f"recall {total['recall']:.3f}  F1 {total['f1']:.3f}  AP {total['ap']:.3f}")

@@ -49,11 +49,11 @@ class PipelineResult:
     model_dir: Path
     finder: str  # the centre finder used
     finder_params: dict
-    threshold: float  # score threshold applied
+    threshold: float  # score threshold applied (finder scores live in [0, 1])
     counts: dict[str, int] = field(default_factory=dict)  # micrograph id -> number of picks
     timings: dict[str, float] = field(default_factory=dict)  # stage -> seconds
     validation: dict = field(default_factory=dict)  # metrics on validation micrographs (when trained)
-    score_range: tuple[float, float] = (0.0, 1.0)  # the range the finder's scores live in
+    config: PickerConfig | None = None  # the picker's config (a loaded model's scale and diameter, unless given)
     plots: list[Path] = field(default_factory=list)  # PNGs written by this run
     skipped: list[str] = field(default_factory=list)  # micrograph ids skipped (already done)
 
@@ -414,7 +414,7 @@ def pick(
     progress(ProgressEvent("done", message=f"{len(picks)} particles on {len(counts)} micrograph(s)"))
     return PipelineResult(picks=picks, model_dir=picker.model_dir, finder=picker.finder,
                           finder_params=picker.params, threshold=picker.threshold, counts=counts, timings=timings,
-                          validation=picker.validation, score_range=(0.0, 1.0), plots=plots, skipped=skipped)
+                          validation=picker.validation, config=cfg, plots=plots, skipped=skipped)
 
 
 def run(

@@ -89,24 +89,6 @@ def axis_angle_to_matrix(vectors) -> np.ndarray:
     return np.eye(3) + np.sin(theta) * k + (1.0 - np.cos(theta)) * (k @ k)
 
 
-def cryosparc_pose_to_matrix(pose) -> np.ndarray:
-    """cryoSPARC ``alignments3D/pose`` ``(N, 3)`` -> RELION matrices ``A`` ``(N, 3, 3)`` (the transpose of the
-    pose's Rodrigues matrix)."""
-    return np.swapaxes(axis_angle_to_matrix(pose), -1, -2)
-
-
-def cryosparc_pose_to_euler(pose) -> np.ndarray:
-    """cryoSPARC ``alignments3D/pose`` ``(N, 3)`` (radians) -> RELION (rot, tilt, psi) in degrees ``(N, 3)``."""
-    return matrix_to_euler(cryosparc_pose_to_matrix(pose))
-
-
-def cryosparc_shift_to_origin_A(shift_px, psize_A) -> np.ndarray:
-    """cryoSPARC ``alignments3D/shift`` ``(N, 2)`` in pixels of ``alignments3D/psize_A`` -> RELION
-    ``rlnOriginX/YAngst`` ``(N, 2)`` (same sign)."""
-    shift = np.asarray(shift_px, dtype=np.float64).reshape(-1, 2)
-    return shift * np.asarray(psize_A, dtype=np.float64).reshape(-1, 1)
-
-
 # ---------------------------------------------------------------------------------------------------------------
 # Projection
 # ---------------------------------------------------------------------------------------------------------------
@@ -399,6 +381,6 @@ def mask_from_map(volume, level: float | None = None, *, lowpass_sigma_px: float
 
 __all__: Sequence[str] = (
     "THRESHOLD_METHODS", "euler_to_matrix", "angles_to_matrices", "matrix_to_euler", "axis_angle_to_matrix",
-    "cryosparc_pose_to_matrix", "cryosparc_pose_to_euler", "cryosparc_shift_to_origin_A", "Projector", "project",
+    "Projector", "project",
     "threshold_value", "clean_footprint", "threshold", "subpixel_shifts", "paste_footprints", "mask_from_map",
 )

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Iterable, Iterator, Mapping, Sequence
+from typing import Iterable, Mapping, Sequence
 
 import numpy as np
 
@@ -175,9 +175,6 @@ class Particles:
 
     def by_micrograph(self) -> dict[str, "Particles"]:
         return {m: self.for_micrograph(m) for m in self.micrograph_ids()}
-
-    def groups(self) -> Iterator[tuple[str, "Particles"]]:
-        yield from self.by_micrograph().items()
 
     def with_(self, **changes) -> "Particles":
         return replace(self, **changes)

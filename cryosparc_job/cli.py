@@ -24,12 +24,13 @@ PROG = "crisp-cryosparc"
 
 
 def _diameter(text: str):
-    from crisp_ext.cli import _diameter as parse
+    """argparse type for ``--diameter``: 190A, 190 (Å) or 27px."""
+    from crisp_ext.config import ConfigError, parse_diameter
 
     try:
-        return (float(text), None) if float(text) > 0 else parse(text)
-    except ValueError:
-        return parse(text)
+        return parse_diameter(text, default_unit="A")
+    except ConfigError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
 
 
 def _add_picker_options(p: argparse.ArgumentParser) -> None:
@@ -116,19 +117,9 @@ def _error(message: str) -> None:
 
 
 def _overrides(args) -> dict:
-    import json
+    from crisp_ext.config import parse_overrides
 
-    from crisp_ext.errors import InputError
-
-    out = {}
-    for item in args.set:
-        if "=" not in item:
-            raise InputError(f"--set {item!r}: expected KEY=VALUE, e.g. train.epochs=20")
-        key, value = item.split("=", 1)
-        try:
-            out[key.strip()] = json.loads(value.strip())
-        except json.JSONDecodeError:
-            out[key.strip()] = value.strip()
+    out = parse_overrides(args.set)
     if args.diameter:
         a, px = args.diameter
         out["particle.diameter_A"], out["particle.diameter_px"] = a, px

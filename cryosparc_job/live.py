@@ -19,13 +19,14 @@ from pathlib import Path, PurePosixPath
 
 from crisp_ext.errors import Aborted, InputError
 from crisp_ext.progress import ProgressCallback, ProgressEvent
-from crisp_ext.types import Micrograph, micrographs_by_id
+from crisp_ext.types import Micrograph
 
 from . import records, settings
 from .connect import CryoSPARCError, check_version, connect, error_text
 from .files import attach_files
 from .lookup import find_project, find_source, find_workspace
 from .paths import PathMap, locate
+from .picking import curated_particles, pick_to_dataset
 from .reference import INPUT_NAME as REFERENCE_INPUT
 from .reference import find_live_output, parse_reference
 
@@ -196,8 +197,6 @@ def _setup(job, exp, parts, ref_output=None, ref=None) -> None:
 
 def _run(job, proj, log: EventLog, cfg, exp, parts, model_dir, pmap: PathMap, download: str, base: Path,
          run_dir: Path, sources, ref=None, ref_output=None) -> LiveRun:
-    from crisp_ext import pipeline
-
     log.text(settings.summary_text(cfg, sources, model_dir, run_dir))
     mic_data = job.load_input(MICROGRAPHS_INPUT, slots="all")  # one row per micrograph; all slots (exposure groups)
     all_mics = records.micrographs_from_exposures(mic_data, PurePosixPath, where=exp.label)
@@ -225,30 +224,24 @@ def _run(job, proj, log: EventLog, cfg, exp, parts, model_dir, pmap: PathMap, do
     curated = None
     if parts is not None:
         part_data = job.load_input(PARTICLES_INPUT, slots=_wanted(job, PARTICLES_INPUT, ["location", "alignments3D"]))
-        curated, unmatched = records.particles_from_dataset(part_data, mics, where=parts.label)
-        if unmatched:
-            log.warning(f"{unmatched} of {len(part_data)} curated particles lie on micrographs not available from "
-                        f"{exp.label}; they are not used")
-        if not len(curated) and model_dir is None:
-            raise InputError(f"none of the {len(part_data)} particles of {parts.label} lie on the micrographs of "
-                             f"{exp.label}; connect the exposures the particles were picked on")
+        curated = curated_particles(part_data, mics, parts.label, exp.label, have_model=model_dir is not None,
+                                    warn=log.warning)
         log.text(f"{len(curated)} curated particles on {len(curated.micrograph_ids())} micrograph(s); picking "
                  f"{len(mics)} micrograph(s)")
     reference = None
     if ref is not None and curated is not None and len(curated):
         reference = _reference(job, proj, ref, ref_output, local_dir if mounted else None, pmap, download, log)
-    picker_box = {}
-    result = pipeline.run(mics, cfg, work_dir=run_dir, particles=curated if curated is not None and len(curated)
-                          else None, model_dir=model_dir, reference=reference,
-                          on_ready=lambda p: picker_box.setdefault("picker", p), progress=log)
-    picker = picker_box["picker"]
+    def allocate(n: int):
+        dset = job.alloc_output(OUTPUT, n)
+        unknown = sorted(set(dset.fields()) - {"uid"} - {f[0] for f in records.PARTICLE_FIELDS})
+        if unknown:
+            log.warning(f"the server announces particle fields crisp-ext does not fill (left at 0): "
+                        f"{', '.join(unknown)}")
+        return dset
+
+    result, dset = pick_to_dataset(mics, cfg, work_dir=run_dir, curated=curated, model_dir=model_dir,
+                                   reference=reference, progress=log, allocate=allocate)
     picks = result.picks
-    by_id = micrographs_by_id(mics)
-    dset = job.alloc_output(OUTPUT, len(picks))
-    unknown = sorted(set(dset.fields()) - {"uid"} - {f[0] for f in records.PARTICLE_FIELDS})
-    if unknown:
-        log.warning(f"the server announces particle fields crisp-ext does not fill (left at 0): {', '.join(unknown)}")
-    records.fill_particles(dset, picks, by_id, settings.min_dist_A(mics, picker.config), result.score_range)
     job.save_output(OUTPUT, dset)
     if not len(picks):
         log.warning("no particles were picked; check the particle diameter and the threshold")

@@ -19,11 +19,12 @@ from cryosparc.dataset import Dataset
 from crisp_ext.errors import InputError
 from crisp_ext.io.atomic import atomic_path, atomic_write_text
 from crisp_ext.progress import ProgressCallback, ProgressEvent, silent
-from crisp_ext.types import Micrograph, micrographs_by_id
+from crisp_ext.types import Micrograph
 
 from . import records, settings
 from .lookup import Source, check_uid
 from .paths import PathMap, locate
+from .picking import curated_particles, pick_to_dataset
 from .project_files import read_output
 from .reference import load_offline, parse_reference
 
@@ -77,8 +78,6 @@ def pick_offline(project_dir: str | Path, exposures, out_dir: str | Path, *, par
     path. ``work_dir`` (model, plots) defaults to ``<out_dir>/work``. ``mask`` / ``volume``: a 3D mask or map
     (``"J15:volume"`` or an MRC file) for labels by reprojection when the particles carry ``alignments3D`` poses.
     """
-    from crisp_ext import pipeline
-
     progress = progress or silent
     project_dir = Path(project_dir)
     if not project_dir.is_dir():
@@ -113,13 +112,8 @@ def pick_offline(project_dir: str | Path, exposures, out_dir: str | Path, *, par
     if particles is not None:
         part_data, part_label = read_output(project_dir, particles, "particle", path_map=pmap)
         sources.append(("curated particles", part_label))
-        curated, unmatched = records.particles_from_dataset(part_data, mics, where=part_label)
-        if unmatched:
-            warn(f"{unmatched} of {len(part_data)} curated particles lie on micrographs not available from "
-                 f"{exp_label}; they are not used")
-        if not len(curated) and model_dir is None:
-            raise InputError(f"none of the {len(part_data)} particles of {part_label} lie on the micrographs of "
-                             f"{exp_label}; give the exposures the particles were picked on")
+        curated = curated_particles(part_data, mics, part_label, exp_label, have_model=model_dir is not None,
+                                    warn=warn)
     reference = None
     ref = parse_reference(mask, volume)
     if ref is not None:
@@ -131,13 +125,9 @@ def pick_offline(project_dir: str | Path, exposures, out_dir: str | Path, *, par
             sources.append((ref.what, reference.source))
     work = Path(work_dir) if work_dir else out_dir / "work"
     progress(ProgressEvent("prepare", message=settings.summary_text(cfg, sources, model_dir, work)))
-    picker_box = {}
-    result = pipeline.run(mics, cfg, work_dir=work, particles=curated if curated is not None and len(curated) else None,
-                          model_dir=model_dir, reference=reference,
-                          on_ready=lambda p: picker_box.setdefault("picker", p), progress=progress)
+    result, dset = pick_to_dataset(mics, cfg, work_dir=work, curated=curated, model_dir=model_dir,
+                                   reference=reference, progress=progress, allocate=records.allocate_particles)
     picks = result.picks
-    dset = records.fill_particles(records.allocate_particles(len(picks)), picks, micrographs_by_id(mics),
-                                  settings.min_dist_A(mics, picker_box["picker"].config), result.score_range)
     desc = f"Picked by CRISP (crisp-ext) on {exp_label}" + (f", trained on {sources[1][1]}" if curated else "")
     cs_path, csg_path = write_result_group(dset, out_dir, name, title="CRISP picked particles", description=desc,
                                            version=_project_version(project_dir, exposures))

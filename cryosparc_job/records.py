@@ -148,10 +148,7 @@ def particles_from_dataset(particles: Dataset, micrographs: Sequence[Micrograph]
                              np.asarray(particles["location/center_y_frac"])[keep], shapes)
     angles = shifts = None
     if "alignments3D/pose" in particles:
-        from crisp_ext.reprojection import (
-            cryosparc_pose_to_euler,
-            cryosparc_shift_to_origin_A,
-        )
+        from .poses import cryosparc_pose_to_euler, cryosparc_shift_to_origin_A
 
         angles = cryosparc_pose_to_euler(np.asarray(particles["alignments3D/pose"])[keep])
         if "alignments3D/shift" in particles:

@@ -23,10 +23,7 @@ def make_config(config=None, diameter_A: float | None = None, overrides: Mapping
     elif isinstance(config, PickerConfig):
         cfg = PickerConfig.from_dict(config.to_dict())
     elif isinstance(config, (str, Path)):
-        try:
-            cfg = load_config(config)
-        except (FileNotFoundError, ValueError) as exc:
-            raise InputError(str(exc)) from None
+        cfg = load_config(config)
     elif isinstance(config, Mapping):
         cfg, overrides = PickerConfig(), {**dict(config), **dict(overrides or {})}
     else:
@@ -38,10 +35,7 @@ def make_config(config=None, diameter_A: float | None = None, overrides: Mapping
             raise InputError(f"particle diameter {diameter_A!r} Å must be positive")
         changes["particle.diameter_A"], changes["particle.diameter_px"] = float(diameter_A), None
     if changes:
-        try:
-            cfg = cfg.updated(changes)
-        except (KeyError, ValueError) as exc:
-            raise InputError(f"config: {exc.args[0] if exc.args else exc}") from None
+        cfg = cfg.updated(changes)
     return cfg
 
 

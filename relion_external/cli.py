@@ -31,12 +31,12 @@ from crisp_ext import __version__
 from crisp_ext.errors import Aborted, InputError
 
 from . import nodes
-from .job import EXIT_ABORTED, EXIT_FAILURE, EXIT_SUCCESS, JobDir, detect_version, parse_version, read_job_star
+from .job import MARKER_ABORTED, MARKER_FAILURE, MARKER_SUCCESS, JobDir, detect_version, parse_version, read_job_star
 
 PROG = "crisp-relion"
 EXIT_INPUT = 2
 EXIT_ERROR = 1
-EXIT_ABORT = 3
+EXIT_INTERRUPTED = 130  # aborted (RELION_JOB_ABORT_NOW) or interrupted, as the other commands
 
 # The Params tab (at most 10 rows in RELION's External job): label -> help.
 PARAMS = {
@@ -117,14 +117,16 @@ def _number(name: str, value: str | None, kind=float, low=None, high=None):
 
 
 def parse_diameter(value: str | None) -> tuple[float | None, float | None]:
-    """'150', '150A', '150Å' -> (150 Å, None); '27px' -> (None, 27 px)."""
+    """'150', '150A', '150Å' -> (150 Å, None); '27px' -> (None, 27 px) (:func:`crisp_ext.config.parse_diameter`)."""
+    from crisp_ext.config import ConfigError, parse_diameter as parse
+
     if value is None:
         return None, None
-    m = re.fullmatch(r"\s*([0-9]*\.?[0-9]+(?:[eE][-+]?\d+)?)\s*(a|å|ang|angstrom|px|pix|pixels?)?\s*", value.lower())
-    if not m or float(m.group(1)) <= 0:
-        raise InputError(f"parameter diameter = {value!r}: give the particle diameter in Å, e.g. 150 (or 27px)")
-    d = float(m.group(1))
-    return (None, d) if (m.group(2) or "").startswith("p") else (d, None)
+    try:
+        return parse(value, default_unit="A")
+    except ConfigError:
+        raise InputError(f"parameter diameter = {value!r}: give the particle diameter in Å, e.g. 150 (or 27px)"
+                         ) from None
 
 
 def parse_device(gpu: str | None, device: str | None) -> str | None:
@@ -142,23 +144,6 @@ def parse_device(gpu: str | None, device: str | None) -> str | None:
     if not ids[0].isdigit():
         raise InputError(f"parameter gpu = {gpu!r}: give GPU numbers as RELION does, e.g. 0 or 0,1")
     return f"cuda:{ids[0]}"
-
-
-def parse_set(values: list[str]) -> dict[str, object]:
-    """``a.b=1,c.d=x`` (several tokens allowed) -> {"a.b": 1, "c.d": "x"}; values are JSON when they parse, and a
-    comma starts a new item only when ``KEY=`` follows it (``m.channels=[64,32]`` stays one item)."""
-    out: dict[str, object] = {}
-    for token in values:
-        for item in (t for t in re.split(r",(?=\s*[A-Za-z_][\w.]*\s*=)", token) if t.strip()):
-            if "=" not in item:
-                raise InputError(f"parameter set: {item!r} is not KEY=VALUE (e.g. train.epochs=20)")
-            key, value = item.split("=", 1)
-            key, value = key.strip(), value.strip().rstrip(",").strip()
-            try:
-                out[key] = json.loads(value)
-            except json.JSONDecodeError:
-                out[key] = value
-    return out
 
 
 @dataclass
@@ -180,6 +165,8 @@ class Options:
 
 def options_from(args: argparse.Namespace, extra: list[str]) -> Options:
     """Check and convert the parsed arguments (every problem is an :class:`InputError`)."""
+    from crisp_ext.config import parse_overrides
+
     pickname = (args.pickname or "autopick").strip()
     if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.-]*", pickname):
         raise InputError(f"parameter pickname = {args.pickname!r}: use letters, digits, '_', '-' or '.'")
@@ -191,7 +178,7 @@ def options_from(args: argparse.Namespace, extra: list[str]) -> Options:
     sets = [args.set] if args.set else []
     # RELION does not quote values: "--set a=1, b=2" arrives as several tokens; keep those that look like KEY=VALUE.
     sets += [t for t in extra if re.fullmatch(r"[A-Za-z_]+\.[A-Za-z_.]+=.*", t)]
-    overrides.update(parse_set(sets))
+    overrides.update(parse_overrides(sets))
     if args.diameter is not None and args.diameter.strip() == "":
         raise InputError("parameter diameter has no value; give the particle diameter in Å, e.g. 150")
     d_a, d_px = parse_diameter(args.diameter)
@@ -227,16 +214,16 @@ def options_from(args: argparse.Namespace, extra: list[str]) -> Options:
 def build_config(opts: Options):
     from crisp_ext.config import PickerConfig, load_config
 
+    from crisp_ext.config import ConfigError
+
     try:
         cfg = load_config(opts.config_file) if opts.config_file else PickerConfig()
-    except (FileNotFoundError, ValueError) as exc:
-        raise InputError(f"parameter config: {exc}") from None
+    except ConfigError as exc:
+        raise ConfigError(f"parameter config: {exc}") from None
     try:
         return cfg.updated(opts.overrides) if opts.overrides else cfg
-    except KeyError as exc:
-        raise InputError(f"parameter set: {exc.args[0]}; see crisp_ext/config.py for the keys") from None
-    except ValueError as exc:
-        raise InputError(f"parameter set: {exc}") from None
+    except ConfigError as exc:
+        raise ConfigError(f"parameter set: {exc}") from None
 
 
 # -- the job --------------------------------------------------------------------------------------------------------
@@ -275,14 +262,34 @@ def suggested_box(diameter_px: float) -> int:
 
 def run_job(opts: Options, job: JobDir, log=_log) -> dict:
     """Everything between the start and the exit marker; returns the summary written to ``summary.json``."""
-    from crisp_ext.io.atomic import atomic_write_text
-    from crisp_ext.pipeline import micrograph_diameter, pick, prepare_picker, summary_dict
+    from crisp_ext.pipeline import run
     from crisp_ext.progress import LinePrinter
-    from crisp_ext.scores import figure_of_merit
-
-    from .inputs import check_micrographs, read_coords, read_micrographs, read_particles
 
     t0 = time.perf_counter()
+    version, how, is_continue = _start(opts, job, log)
+    cfg = build_config(opts)
+    mics = _micrographs(opts, log)
+    model_dir = _model_to_use(opts, job, is_continue, log)
+    particles = _training_set(opts, cfg, mics, model_dir, log)
+    reference = _reference(opts, particles, log) if model_dir is None else None  # the pipeline logs the labels
+    writer = _CoordinateWriter(job, opts.pickname, mics, version, log)
+    done = {m.id for m in mics if is_continue and writer.exists(m)}
+    if done:
+        log(f"continuing: {len(done)} micrograph(s) already have coordinates and are skipped")
+    result = None
+    if len(done) < len(mics):
+        result = run(mics, cfg, work_dir=job.path, particles=particles, model_dir=model_dir, reference=reference,
+                     skip=lambda m: m.id in done, on_ready=writer.ready, on_picked=writer.picked,
+                     map_path=lambda m: Path(nodes.sibling_file(job.o, m.id, "_probability.mrc")),
+                     should_abort=job.abort_requested, progress=LinePrinter(sys.stdout))
+    else:
+        log("nothing left to pick")
+    return _finish(opts, job, mics, writer, result, (version, how), is_continue, len(done), t0, log)
+
+
+def _start(opts: Options, job: JobDir, log) -> tuple[str | None, str, bool]:
+    """The RELION version (and how it was found) and whether this is a Continue; a pending abort stops here; old
+    output nodes go."""
     jobstar = read_job_star(job.path)
     is_continue = bool(jobstar and jobstar.is_continue)
     version, how = detect_version(job.path, ".", opts.version_override)
@@ -291,80 +298,104 @@ def run_job(opts: Options, job: JobDir, log=_log) -> dict:
     if job.abort_requested():
         raise Aborted(f"{job.o}RELION_JOB_ABORT_NOW exists (remove it to run again)")
     nodes.remove_output_nodes(job.o)
-    cfg = build_config(opts)
     if opts.threads:  # RELION's --j; training sets it again, picking with a loaded model relies on this
         import torch
 
         torch.set_num_threads(opts.threads)
-    mics = check_micrographs(read_micrographs(opts.in_mics), opts.in_mics)
-    coord = {m.id: nodes.coordinate_file(job.o, m.id, opts.pickname) for m in mics}
-    log(f"{len(mics)} micrograph(s) in {opts.in_mics}")
+    return version, how, is_continue
 
-    model_dir = None
+
+def _micrographs(opts: Options, log):
+    from .inputs import check_micrographs, read_micrographs
+
+    mics = check_micrographs(read_micrographs(opts.in_mics), opts.in_mics)
+    log(f"{len(mics)} micrograph(s) in {opts.in_mics}")
+    return mics
+
+
+def _model_to_use(opts: Options, job: JobDir, is_continue: bool, log) -> Path | None:
+    """The parameter 'model', else on Continue the model this job trained before, else None (train one)."""
     if opts.model:
         model_dir = Path(opts.model)
         if not model_dir.is_dir():
             raise InputError(f"parameter model = {opts.model}: not a directory (give a model directory such as "
                              f"External/job012/model)")
         log(f"picking with the model in {model_dir}")
-    elif is_continue and _is_model_dir(job.path / "model"):
-        model_dir = job.path / "model"
-        log(f"continuing: reusing the model trained in {model_dir}")
-    particles = None
-    if model_dir is None:
-        if opts.in_parts:
-            particles = read_particles(opts.in_parts, mics, opts.in_mics, log)
-            source = opts.in_parts
-        elif opts.in_coords:
-            particles = read_coords(opts.in_coords, mics, opts.in_mics, log)
-            source = opts.in_coords
-        else:
-            raise InputError("nothing to train on: give curated particles (Input particles: --in_parts) or "
-                             "coordinates (--in_coords), or a trained model directory as parameter 'model'")
-        if not (cfg.particle.diameter_A or cfg.particle.diameter_px):
-            raise InputError("the particle diameter is needed to train: add the parameter 'diameter' (in Å)")
-        log(f"training set: {len(particles)} particles on {len(particles.micrograph_ids())} micrograph(s) "
-            f"from {source}")
-    elif opts.in_parts or opts.in_coords:
-        log("input particles/coordinates are not used: picking with an existing model")
-    reference = _reference(opts, particles, log) if model_dir is None else None  # the pipeline logs the labels
+        return model_dir
+    if is_continue and _is_model_dir(job.path / "model"):
+        log(f"continuing: reusing the model trained in {job.path / 'model'}")
+        return job.path / "model"
+    return None
 
-    todo = [m for m in mics if not (is_continue and Path(coord[m.id]).is_file())]
-    if len(todo) < len(mics):
-        log(f"continuing: {len(mics) - len(todo)} micrograph(s) already have coordinates and are skipped")
-    progress = LinePrinter(sys.stdout)
-    shapes = {m.id: m.shape for m in mics}
-    result = None
-    picker = None
-    if todo:
-        picker = prepare_picker(mics if particles is not None else todo, cfg, work_dir=job.path,
-                                particles=particles, model_dir=model_dir, reference=reference,
-                                should_abort=job.abort_requested, progress=progress)
-        threshold = picker.threshold
-        d_px = micrograph_diameter(mics[0], picker.config)
-        log(f"particle diameter {d_px:.1f} px: a box of about {suggested_box(d_px)} px suits Extract; "
-            f"threshold {threshold:.3g} is figure of merit 0 (Extract's FOM threshold keeps FOM > value)")
 
-        def on_picked(mic, picks):
-            ny, nx = shapes[mic.id]
-            xy = picks.xy
-            score = picks.score if picks.score is not None else np.full(len(picks), threshold)
-            inside = np.isfinite(xy).all(axis=1) & (xy[:, 0] >= 0) & (xy[:, 0] < nx) & (xy[:, 1] >= 0) & (
-                xy[:, 1] < ny)
-            nodes.write_coordinates(coord[mic.id], xy[inside], figure_of_merit(score[inside], threshold), version)
+def _training_set(opts: Options, cfg, mics, model_dir: Path | None, log):
+    """The curated particles (``--in_parts``) or coordinates (``--in_coords``) to train on; None with a model."""
+    from .inputs import read_coords, read_particles
 
-        result = pick(picker, todo, work_dir=job.path, on_picked=on_picked,
-                      map_path=lambda m: Path(nodes.sibling_file(job.o, m.id, "_probability.mrc")),
-                      should_abort=job.abort_requested, progress=progress)
+    if model_dir is not None:
+        if opts.in_parts or opts.in_coords:
+            log("input particles/coordinates are not used: picking with an existing model")
+        return None
+    if opts.in_parts:
+        particles, source = read_particles(opts.in_parts, mics, opts.in_mics, log), opts.in_parts
+    elif opts.in_coords:
+        particles, source = read_coords(opts.in_coords, mics, opts.in_mics, log), opts.in_coords
     else:
-        log("nothing left to pick")
+        raise InputError("nothing to train on: give curated particles (Input particles: --in_parts) or "
+                         "coordinates (--in_coords), or a trained model directory as parameter 'model'")
+    if not (cfg.particle.diameter_A or cfg.particle.diameter_px):
+        raise InputError("the particle diameter is needed to train: add the parameter 'diameter' (in Å)")
+    log(f"training set: {len(particles)} particles on {len(particles.micrograph_ids())} micrograph(s) from {source}")
+    return particles
 
-    entries = [(m.id, coord[m.id]) for m in mics if Path(coord[m.id]).is_file()]
-    summary = summary_dict(result, todo) if result is not None else {"particles": 0, "micrographs_picked": 0}
+
+class _CoordinateWriter:
+    """Writes each micrograph's coordinate STAR as soon as it is picked (figures of merit need the picker's
+    threshold, known once it is ready), never a coordinate outside the micrograph."""
+
+    def __init__(self, job: JobDir, pickname: str, mics, version: str | None, log):
+        self.files = {m.id: nodes.coordinate_file(job.o, m.id, pickname) for m in mics}
+        self.first = mics[0]
+        self.shapes = {m.id: m.shape for m in mics}
+        self.version = version
+        self.log = log
+        self.threshold = 0.5
+
+    def exists(self, mic) -> bool:
+        return Path(self.files[mic.id]).is_file()
+
+    def ready(self, picker) -> None:
+        from crisp_ext.pipeline import micrograph_diameter
+
+        self.threshold = picker.threshold
+        d_px = micrograph_diameter(self.first, picker.config)
+        self.log(f"particle diameter {d_px:.1f} px: a box of about {suggested_box(d_px)} px suits Extract; "
+                 f"threshold {self.threshold:.3g} is figure of merit 0 (Extract's FOM threshold keeps FOM > value)")
+
+    def picked(self, mic, picks) -> None:
+        from crisp_ext.scores import figure_of_merit
+
+        ny, nx = self.shapes[mic.id]
+        xy = picks.xy
+        score = picks.score if picks.score is not None else np.full(len(picks), self.threshold)
+        inside = np.isfinite(xy).all(axis=1) & (xy[:, 0] >= 0) & (xy[:, 0] < nx) & (xy[:, 1] >= 0) & (xy[:, 1] < ny)
+        nodes.write_coordinates(self.files[mic.id], xy[inside], figure_of_merit(score[inside], self.threshold),
+                                self.version)
+
+
+def _finish(opts: Options, job: JobDir, mics, writer: _CoordinateWriter, result, version_how: tuple,
+            is_continue: bool, skipped: int, t0: float, log) -> dict:
+    """``summary.json`` and the output nodes over every coordinate file of the job (this run's and earlier)."""
+    from crisp_ext.io.atomic import atomic_write_text
+    from crisp_ext.pipeline import summary_dict
+
+    version, how = version_how
+    entries = [(m.id, writer.files[m.id]) for m in mics if writer.exists(m)]
+    summary = summary_dict(result, mics) if result is not None else {"particles": 0, "micrographs_picked": 0}
     summary.update({
         "relion_version": version, "version_source": how, "continue": is_continue,
         "micrographs": len(mics), "micrographs_with_coordinates": len(entries),
-        "micrographs_skipped": len(mics) - len(todo), "pickname": opts.pickname,
+        "micrographs_skipped": skipped, "pickname": opts.pickname,
         "coordinate_list": nodes.coordinate_list_node(job.o, opts.pickname),
         "coords_suffix": nodes.coords_suffix_node(job.o, opts.pickname),
         "wall_time_s": round(time.perf_counter() - t0, 2),
@@ -409,23 +440,23 @@ def main(argv: list[str] | None = None) -> int:
         run_job(options_from(args, extra), job)
     except Aborted as exc:
         _log(f"aborted: {exc}")
-        job.mark(EXIT_ABORTED)
-        return EXIT_ABORT
+        job.mark(MARKER_ABORTED)
+        return EXIT_INTERRUPTED
     except InputError as exc:
         print(f"{PROG}: error: {exc}", file=sys.stderr, flush=True)
         _log(f"error: {exc}")
-        job.mark(EXIT_FAILURE)
+        job.mark(MARKER_FAILURE)
         return EXIT_INPUT
     except (Exception, KeyboardInterrupt, _Terminated) as exc:
         traceback.print_exc(file=sys.stderr)
         print(f"{PROG}: error: {type(exc).__name__}: {exc}", file=sys.stderr, flush=True)
         _log(f"failed: {type(exc).__name__}: {exc} (details in run.err)")
-        job.mark(EXIT_FAILURE)
+        job.mark(MARKER_FAILURE)
         return EXIT_ERROR
     finally:
         if previous is not None:
             signal.signal(signal.SIGTERM, previous)
-    job.mark(EXIT_SUCCESS)
+    job.mark(MARKER_SUCCESS)
     return 0
 
 

@@ -13,11 +13,11 @@ from pathlib import Path
 
 from .nodes import job_prefix
 
-EXIT_SUCCESS = "RELION_JOB_EXIT_SUCCESS"
-EXIT_FAILURE = "RELION_JOB_EXIT_FAILURE"
-EXIT_ABORTED = "RELION_JOB_EXIT_ABORTED"
+MARKER_SUCCESS = "RELION_JOB_EXIT_SUCCESS"
+MARKER_FAILURE = "RELION_JOB_EXIT_FAILURE"
+MARKER_ABORTED = "RELION_JOB_EXIT_ABORTED"
 ABORT_NOW = "RELION_JOB_ABORT_NOW"
-EXIT_MARKERS = (EXIT_SUCCESS, EXIT_FAILURE, EXIT_ABORTED)
+MARKERS = (MARKER_SUCCESS, MARKER_FAILURE, MARKER_ABORTED)
 
 _VERSION_HEADER = re.compile(r"^#\s*version\s+(\d+)", re.MULTILINE)
 
@@ -133,7 +133,7 @@ class JobDir:
 
     def clear_exit_markers(self) -> None:
         """Remove exit markers of an earlier run (RELION does this itself; command-line runs need it too)."""
-        for name in EXIT_MARKERS:
+        for name in MARKERS:
             try:
                 (self.path / name).unlink()
             except FileNotFoundError:
@@ -143,7 +143,7 @@ class JobDir:
         return (self.path / ABORT_NOW).exists()
 
     def mark(self, marker: str) -> Path:
-        if marker not in EXIT_MARKERS:
+        if marker not in MARKERS:
             raise ValueError(f"not a RELION exit marker: {marker}")
         path = self.path / marker
         self.path.mkdir(parents=True, exist_ok=True)
@@ -152,4 +152,4 @@ class JobDir:
 
     def marker(self) -> str | None:
         """The exit marker present, if any."""
-        return next((m for m in EXIT_MARKERS if (self.path / m).exists()), None)
+        return next((m for m in MARKERS if (self.path / m).exists()), None)

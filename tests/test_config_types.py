@@ -1,7 +1,7 @@
 import numpy as np
 import pytest
 
-from crisp_ext.config import PickerConfig, config_to_toml, load_config, save_config
+from crisp_ext.config import ConfigError, PickerConfig, config_to_toml, load_config, save_config
 from crisp_ext.types import Micrograph, Particles, micrographs_by_id
 
 
@@ -28,7 +28,7 @@ def test_partial_config_and_errors(tmp_path):
     p.write_text('[train]\nepochs = "many"\n')
     with pytest.raises(ValueError, match="train.epochs"):
         load_config(p)
-    with pytest.raises(KeyError):
+    with pytest.raises(ConfigError, match="nothing.here"):
         PickerConfig().updated({"nothing.here": 1})
     assert "[centres]" in config_to_toml(PickerConfig())
 
@@ -47,3 +47,36 @@ def test_particles_grouping_and_concat():
 def test_micrograph_ids_unique(tmp_path):
     with pytest.raises(ValueError, match="twice"):
         micrographs_by_id([Micrograph("x", tmp_path / "a.mrc"), Micrograph("x", tmp_path / "b.mrc")])
+
+
+def test_option_parsing_lives_in_the_config():
+    from crisp_ext.config import ConfigError, parse_diameter, parse_overrides
+    from crisp_ext.errors import InputError
+
+    assert issubclass(ConfigError, InputError)
+    assert parse_diameter("190A") == parse_diameter("190 Å") == parse_diameter("190angstrom") == (190.0, None)
+    assert parse_diameter("27px") == parse_diameter("27 pixels") == (None, 27.0)
+    assert parse_diameter("150", default_unit="A") == (150.0, None)
+    assert parse_diameter("1.5e2", default_unit="px") == (None, 150.0)
+    for bad in ("150", "-3A", "0px", "big", "27 furlongs"):
+        with pytest.raises(ConfigError, match="diameter"):
+            parse_diameter(bad)
+    assert parse_overrides(["a.b=1,c.d=x", "m.ch=[64, 32]", "e.f=true", "g.h=none"]) == {
+        "a.b": 1, "c.d": "x", "m.ch": [64, 32], "e.f": True, "g.h": "none"}
+    for bad in (["novalue"], ["=3"]):
+        with pytest.raises(ConfigError, match="KEY=VALUE"):
+            parse_overrides(bad)
+
+
+def test_config_file_errors_are_one_line_config_errors(tmp_path):
+    from crisp_ext.config import ConfigError
+
+    for name, text in (("c.toml", "[train\nepochs = 3"), ("c.json", '{"train": {"epochs": 3,}}'),
+                       ("c.yaml", "train: [1, 2"), ("c.toml", "[train]\nepochs = 'many'")):
+        path = tmp_path / name
+        path.write_text(text)
+        with pytest.raises(ConfigError) as info:
+            load_config(path)
+        assert str(path) in str(info.value) and "\n" not in str(info.value)
+    with pytest.raises(ConfigError, match="not found"):
+        load_config(tmp_path / "missing.toml")

@@ -8,7 +8,7 @@ from cryosparc.dataset import Dataset
 from fakes.cryosparc_data import exposures_dataset, particles_dataset
 
 from crisp_ext.errors import InputError
-from crisp_ext.reprojection import cryosparc_pose_to_euler
+from cryosparc_job.poses import cryosparc_pose_to_euler
 from crisp_ext.types import Particles
 from cryosparc_job import records
 from cryosparc_job.connect import CryoSPARCError, mismatch_message

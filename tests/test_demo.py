@@ -3,11 +3,13 @@
 import json
 
 import numpy as np
+import pytest
 
 from crisp_ext.cli import main
 from crisp_ext.io.coords import read_coordinates
 
 
+@pytest.mark.slow
 def test_quick_demo_picks_the_held_out_micrographs(tmp_path, capsys):
     out = tmp_path / "demo"
     assert main(["demo", "--quick", "--out", str(out), "--quiet"]) == 0

@@ -162,7 +162,8 @@ def test_cli_train_with_a_mask_and_refined_particles_records_reprojection_labels
 
 
 def test_cli_reference_is_used_only_with_angles(tmp_path, capsys):
-    from crisp_ext.cli import _reference, build_parser
+    from crisp_ext.cli import build_parser
+    from crisp_ext.commands.common import reference as _reference
     from crisp_ext.io.inputs import find_micrographs, read_picks
 
     sims, mic_dir, star, mask = _project(tmp_path)

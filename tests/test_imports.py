@@ -106,3 +106,15 @@ def test_the_core_imports_no_adapter():
 
 def test_the_walker_sees_a_cycle():
     assert _cycles({"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": {"a"}}) == [["a", "b", "c"]]
+
+
+def test_the_library_face_loads_lazily():
+    import subprocess
+    import sys
+
+    code = ("import sys, crisp_ext; assert 'torch' not in sys.modules; "
+            "from crisp_ext import Micrograph, Particles, PickerConfig, InputError, run; "
+            "import crisp_ext.pipeline as p, crisp_ext.config as c; "
+            "assert run is p.run and PickerConfig is c.PickerConfig; print('ok')")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0 and out.stdout.strip() == "ok", out.stderr

@@ -181,3 +181,27 @@ def test_abort_between_micrographs(project, capsys):
     done = list((job / "Movies").glob("*_autopick.star"))
     assert 1 <= len(done) < 5
     assert not list((job / "Movies").glob(".*tmp*"))  # every file whole
+
+
+def test_a_particle_larger_than_a_micrograph_fails_the_job_before_training(project, capsys):
+    """RELION goes through pipeline.run, which checks every micrograph's header and the particle size first."""
+    import crisp_ext.train as train_module
+
+    o = "External/job007/"
+    _job_star(project.root, o, "4", 0)
+    calls = []
+    mp = pytest.MonkeyPatch()
+    mp.setattr(train_module, "train_model", lambda *a, **k: calls.append(1))
+    t0 = time.perf_counter()
+    try:
+        # 384 px micrographs at the synthetic pixel size: a 5000 Å particle is far wider than any of them
+        rc = main(["--o", o, "--in_mics", project.mics_star, "--in_parts", project.parts_star, "--diameter", "5000",
+                   "--j", "1"])
+    finally:
+        mp.undo()
+    err = capsys.readouterr().err.strip().splitlines()
+    assert rc == 2 and not calls and time.perf_counter() - t0 < 30
+    assert len(err) == 1 and "diameter" in err[0] and "mic001" in err[0], err
+    job = project.root / o
+    assert (job / "RELION_JOB_EXIT_FAILURE").exists() and not (job / "model").exists()
+    assert not (job / "RELION_OUTPUT_NODES.star").exists()

@@ -7,9 +7,10 @@ import pytest
 import starfile
 
 from relion_external import nodes
-from relion_external.cli import build_parser, options_from, parse_device, parse_diameter, parse_set, suggested_box
+from relion_external.cli import build_parser, options_from, parse_device, parse_diameter, suggested_box
+from crisp_ext.config import parse_overrides as parse_set
 from relion_external.job import (
-    EXIT_ABORTED, EXIT_FAILURE, EXIT_SUCCESS, JobDir, detect_version, parse_job_star, parse_version,
+    MARKER_ABORTED, MARKER_FAILURE, MARKER_SUCCESS, JobDir, detect_version, parse_job_star, parse_version,
     version_from_job_star, version_from_pipeline,
 )
 from crisp_ext.errors import InputError
@@ -252,17 +253,17 @@ def test_job_dir_markers(tmp_path):
     assert job.o.endswith("/")
     job.create()
     assert job.marker() is None and not job.abort_requested()
-    job.mark(EXIT_FAILURE)
-    assert job.marker() == EXIT_FAILURE
+    job.mark(MARKER_FAILURE)
+    assert job.marker() == MARKER_FAILURE
     job.clear_exit_markers()
     assert job.marker() is None
     (job.path / "RELION_JOB_ABORT_NOW").touch()
     assert job.abort_requested()
-    job.mark(EXIT_ABORTED)
-    assert job.marker() == EXIT_ABORTED
+    job.mark(MARKER_ABORTED)
+    assert job.marker() == MARKER_ABORTED
     job.clear_exit_markers()
-    job.mark(EXIT_SUCCESS)
-    assert job.marker() == EXIT_SUCCESS
+    job.mark(MARKER_SUCCESS)
+    assert job.marker() == MARKER_SUCCESS
     with pytest.raises(ValueError):
         job.mark("RELION_JOB_EXIT_MAYBE")
 

@@ -8,13 +8,11 @@ import pytest
 import torch
 from scipy.spatial.transform import Rotation
 
+from cryosparc_job.poses import cryosparc_pose_to_euler, cryosparc_pose_to_matrix, cryosparc_shift_to_origin_A
 from crisp_ext.reprojection import (
     THRESHOLD_METHODS,
     angles_to_matrices,
     clean_footprint,
-    cryosparc_pose_to_euler,
-    cryosparc_pose_to_matrix,
-    cryosparc_shift_to_origin_A,
     euler_to_matrix,
     mask_from_map,
     matrix_to_euler,

@@ -149,15 +149,6 @@ def test_device_and_threads():
         torch.set_num_threads(before)
 
 
-def _crf_available() -> bool:
-    try:
-        from crisp_ext.crf import build_crf_segmenter  # noqa: F401
-    except ImportError:
-        return False
-    return all(hasattr(CRFConfig(), k) for k in ("cd_guide", "detach_guide"))
-
-
-@pytest.mark.skipif(not _crf_available(), reason="crisp_ext.crf and its config fields have not landed yet")
 def test_crf_fine_tuning_is_a_second_phase(data, tmp_path):
     from crisp_ext.model_dir import load_model_dir, save_model_dir
     from crisp_ext.predict import predict_map

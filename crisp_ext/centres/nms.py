@@ -27,7 +27,7 @@ import torch.nn.functional as F
 from scipy import ndimage as ndi
 from scipy.spatial import cKDTree
 
-from .base import CentreSet, Finder, check_diameter, check_map, greedy_keep
+from .base import CentreSet, Finder, check_map, greedy_keep
 
 
 def _as_tensor(prob) -> torch.Tensor:

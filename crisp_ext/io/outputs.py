@@ -6,7 +6,7 @@ Coordinates are written as RELION reads them: pixels of the micrograph, x = colu
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Sequence
+from typing import Callable, Sequence
 
 import numpy as np
 
@@ -44,6 +44,45 @@ def optics_table(micrographs: Sequence[Micrograph], pixel_sizes: dict[str, float
         key = (round(ps, 5), c.voltage_kV if c else 300.0, c.cs_mm if c else 2.7, c.amplitude_contrast if c else 0.1)
         group_of[m.id] = groups[key]
     return {"table": table, "group_of": group_of}
+
+
+class CoordinateWriter:
+    """Writes each picked micrograph's coordinate STAR at once, scores as RELION figures of merit (which need the
+    picker's threshold: known once the picker is ready)."""
+
+    def __init__(self, folder: Path, suffix: str):
+        self.folder = folder
+        self.suffix = suffix
+        self.threshold: float | None = None
+
+    def path(self, mic) -> Path:
+        return self.folder / f"{mic.name}_{self.suffix}.star"
+
+    def ready(self, picker) -> None:
+        self.threshold = picker.threshold
+
+    def picked(self, mic, picks) -> None:
+        from .coords import write_coordinates
+        from ..scores import figure_of_merit
+
+        write_coordinates(self.path(mic), picks.xy, figure_of_merit(picks.score, self.threshold))
+
+
+def read_picked(micrographs: Sequence[Micrograph], coordinate_path: Callable[[Micrograph], Path],
+                threshold: float) -> Particles:
+    """The picks of every micrograph whose coordinate file (``coordinate_path(micrograph)``) exists, scores back from
+    the files' figures of merit (see :mod:`crisp_ext.scores`): what an output folder holds, whichever run wrote it."""
+    from ..scores import score_from_figure_of_merit
+    from .coords import read_coordinates
+
+    parts = []
+    for m in micrographs:
+        f = coordinate_path(m)
+        if f.exists():
+            t = read_coordinates(f)
+            score = score_from_figure_of_merit(t.score, threshold) if t.score is not None else None
+            parts.append(Particles.for_one(m.id, t.xy, score))
+    return Particles.concat(parts) if parts else Particles.empty(with_score=True)
 
 
 def write_particles_star(path: Path, picks: Particles, micrographs: Sequence[Micrograph],

@@ -1,0 +1,41 @@
+"""``crisp-ext train``: train a picker on curated picks and save a model directory (``OUT/model``)."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+from . import common
+
+NAME = "train"
+
+
+def add_parser(sub) -> None:
+    p = sub.add_parser(NAME, help="train a picker on curated picks and save a model directory")
+    common.add_common(p, picks_required=True)
+    common.add_training(p)
+    p.add_argument("--out", type=Path, required=True, help="output directory (the model goes to OUT/model)")
+
+
+def run(args) -> int:
+    from ..config import save_config
+    from ..pipeline import prepare_picker
+
+    cfg = common.build_config(args)
+    mics, picks = common.read_inputs(args, cfg, need_picks=True)
+    train_ids = common.ids_for(common.names(args.train_mics), mics)
+    val_ids = common.ids_for(common.names(args.val_mics), mics)
+    reference = common.reference(args, picks)
+    out = args.out
+    out.mkdir(parents=True, exist_ok=True)
+    save_config(cfg, out / "config.toml")
+    t0 = time.perf_counter()
+    trained = prepare_picker(mics, cfg, work_dir=out, particles=picks, reference=reference, train_ids=train_ids,
+                             val_ids=val_ids, progress=common.progress(args))
+    v = trained.validation.get("picking", {})
+    common.say(args, f"model written to {trained.model_dir}  ({time.perf_counter() - t0:.0f} s); labels: "
+                     f"{trained.info.get('labels', '?')}")
+    if v:
+        common.say(args, f"validation: precision {v['precision']:.3f}  recall {v['recall']:.3f}  F1 {v['f1']:.3f}  "
+                         f"AP {v['ap']:.3f}  (finder {trained.finder}, threshold {trained.threshold:.3g})")
+    return 0

@@ -8,6 +8,7 @@ Scenes (train / validation / test micrographs):
 - ``apoferritin``: ../shared/data/apoferritin10146, 61 px, touching in patches, no pixel size; split.json's 4 / 2 / 13.
 - ``crowded``: simulated, 36 px particles at 0.7 D minimum separation (touching, overlapping), ≈ 600 per 1024²
   micrograph, SNR 0.03, carbon edge on some, ice blobs and an ice gradient; 4 / 2 / 4.
+- ``crowded_noisy``: as ``crowded`` at SNR 0.01, 0.65 D minimum separation, lower defocus (weaker contrast).
 - ``sparse_large``: simulated, 64 px particles, ≈ 90 per 1024² micrograph, SNR 0.02; 4 / 2 / 4.
 The simulated scenes train on an incomplete "curated" set (a random 30 % of each training and validation
 micrograph's particles left out, as curation does) and are scored against every particle.
@@ -125,6 +126,14 @@ def crowded(out: Path) -> Scene:
     return _simulated("crowded", out, 10, kwargs, seed=17)
 
 
+def crowded_noisy(out: Path) -> Scene:
+    def kwargs(i):
+        return dict(shape=(1024, 1024), n_particles=650, diameter_px=36.0, pixel_size=2.0, snr=0.01,
+                    placement="dense", min_separation=0.65, carbon_edge=(i % 3 == 1), ice_blobs=1 + i % 2,
+                    defocus_um=0.8 + 0.2 * (i % 4))
+    return _simulated("crowded_noisy", out, 10, kwargs, seed=29)
+
+
 def sparse_large(out: Path) -> Scene:
     def kwargs(i):
         return dict(shape=(1024, 1024), n_particles=90, diameter_px=64.0, pixel_size=2.5, snr=0.02,
@@ -133,7 +142,7 @@ def sparse_large(out: Path) -> Scene:
 
 
 SCENES = {"empiar10017": lambda out: empiar10017(), "apoferritin": lambda out: apoferritin(),
-          "crowded": crowded, "sparse_large": sparse_large}
+          "crowded": crowded, "crowded_noisy": crowded_noisy, "sparse_large": sparse_large}
 
 
 # -- one run -----------------------------------------------------------------------------------------------------------

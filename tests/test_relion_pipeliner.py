@@ -20,7 +20,7 @@ import starfile
 
 import relion_synth as rs
 
-pytestmark = [pytest.mark.relion,
+pytestmark = [pytest.mark.relion, pytest.mark.slow,
               pytest.mark.skipif(shutil.which("relion_pipeliner") is None, reason="RELION (relion_pipeliner) absent")]
 
 BOX = 48

@@ -89,6 +89,17 @@ def looks_like_mask(volume: np.ndarray) -> bool:
     return lo >= -1e-3 and 0.5 <= hi <= 1.0 + 1e-3
 
 
+def reference_unused(given: str, *, with_model: bool, has_particles: bool, has_poses: bool,
+                     poses_hint: str = "give refined particles, e.g. Refine3D run_data.star") -> str | None:
+    """Why a 3D mask/map the user gave (``given``: the option and its value) cannot make labels, as one log line, or
+    None when it can: picking with a trained model trains nothing, and reprojection needs particles with poses."""
+    if with_model or not has_particles:
+        return f"{given} is not used: picking with a trained model, nothing is trained"
+    if not has_poses:
+        return f"{given} is not used: the particles carry no angles ({poses_hint}); training on disk labels"
+    return None
+
+
 def resolve_label_kind(kind: str, reference: ReferenceMask | None, has_poses: bool) -> tuple[str, str]:
     """The label kind to use (``disk`` or ``reprojection``) for ``labels.kind``, and why (one line for the log).
 

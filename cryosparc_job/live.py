@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 
 from crisp_ext.errors import Aborted, InputError
+from crisp_ext.footprints import reference_unused
 from crisp_ext.progress import ProgressCallback, ProgressEvent
 from crisp_ext.types import Micrograph
 
@@ -145,10 +146,13 @@ def run_live(cs_or_url, project: str, workspace: str, *, exposures, particles=No
     parts = find_source(proj, particles, "particle") if particles is not None else None
     ref = parse_reference(mask, volume)
     notes = []
-    if ref is not None and (model_dir is not None or parts is None or "alignments3D" not in parts.slots):
-        notes.append(f"{ref.flag} {ref.text} is not used: " + (
-            "picking with a trained model" if model_dir is not None or parts is None else
-            f"{parts.label} carries no alignments3D poses (give refined particles, e.g. a refinement's particles)"))
+    why = ref and reference_unused(f"{ref.flag} {ref.text}", with_model=model_dir is not None,
+                                   has_particles=parts is not None,
+                                   has_poses=parts is not None and "alignments3D" in parts.slots,
+                                   poses_hint=f"{parts.label if parts else ''} has no alignments3D; give refined "
+                                              f"particles, e.g. a refinement's particles")
+    if why:
+        notes.append(why)
         ref = None
     ref_output = find_live_output(proj, ref) if ref is not None and ref.source is not None else None
 

@@ -17,6 +17,7 @@ from pathlib import Path, PurePosixPath
 from cryosparc.dataset import Dataset
 
 from crisp_ext.errors import InputError
+from crisp_ext.footprints import reference_unused
 from crisp_ext.io.atomic import atomic_path, atomic_write_text
 from crisp_ext.progress import ProgressCallback, ProgressEvent, silent
 from crisp_ext.types import Micrograph
@@ -117,9 +118,11 @@ def pick_offline(project_dir: str | Path, exposures, out_dir: str | Path, *, par
     reference = None
     ref = parse_reference(mask, volume)
     if ref is not None:
-        if model_dir is not None or curated is None or not curated.has_poses:
-            warn(f"{ref.flag} {ref.text} is not used: " + ("picking with a trained model" if model_dir is not None
-                 or curated is None else f"{sources[1][1]} carries no alignments3D poses"))
+        why = reference_unused(f"{ref.flag} {ref.text}", with_model=model_dir is not None,
+                               has_particles=curated is not None, has_poses=curated is not None and curated.has_poses,
+                               poses_hint=f"{sources[1][1] if curated is not None else ''} has no alignments3D poses")
+        if why:
+            warn(why)
         else:
             reference = load_offline(project_dir, ref, pmap)
             sources.append((ref.what, reference.source))

@@ -240,15 +240,18 @@ def _is_model_dir(path: Path) -> bool:
 def _reference(opts: Options, particles, log):
     """The 3D mask (``--in_mask``, preferred) or map (``--in_3dref``, thresholded into a mask) for labels by
     reprojection, when the training particles carry angles; None otherwise (with a log line saying why)."""
-    from crisp_ext.footprints import read_reference
+    from crisp_ext.footprints import read_reference, reference_unused
 
     source = opts.in_mask or opts.in_3dref
     if not source:
         return None
     flag = "--in_mask" if opts.in_mask else "--in_3dref"
-    if particles is None or not particles.has_poses:
-        log(f"{flag} {source} is not used: labels by reprojection need particles with angles (e.g. Refine3D "
-            f"run_data.star as Input particles)")
+    why = reference_unused(f"{flag} {source}", with_model=False, has_particles=particles is not None,
+                           has_poses=particles is not None and particles.has_poses,
+                           poses_hint="labels by reprojection need particles with angles, e.g. Refine3D "
+                                      "run_data.star as Input particles")
+    if why:
+        log(why)
         return None
     if opts.in_mask and opts.in_3dref:
         log(f"--in_3dref {opts.in_3dref} is not used: the mask {opts.in_mask} is")
@@ -271,7 +274,7 @@ def run_job(opts: Options, job: JobDir, log=_log) -> dict:
     mics = _micrographs(opts, log)
     model_dir = _model_to_use(opts, job, is_continue, log)
     particles = _training_set(opts, cfg, mics, model_dir, log)
-    reference = _reference(opts, particles, log) if model_dir is None else None  # the pipeline logs the labels
+    reference = _reference(opts, particles, log)  # the pipeline logs the labels
     writer = _CoordinateWriter(job, opts.pickname, mics, version, log)
     done = {m.id for m in mics if is_continue and writer.exists(m)}
     if done:

@@ -134,15 +134,14 @@ def reference(args, picks):
     source = getattr(args, "mask", None) or getattr(args, "map", None)
     if source is None:
         return None
-    from ..footprints import read_reference
+    from ..footprints import read_reference, reference_unused
 
     flag = "--mask" if args.mask else "--map"
-    if getattr(args, "model", None):
-        print(f"crisp-ext: {flag} {source} is not used: picking with the trained model {args.model}", flush=True)
-        return None
-    if picks is None or not picks.has_poses:
-        print(f"crisp-ext: {flag} {source} is not used: the picks carry no angles (give a particles STAR with "
-              f"rlnAngleRot/Tilt/Psi, e.g. Refine3D run_data.star); training on disk labels", flush=True)
+    why = reference_unused(f"{flag} {source}", with_model=bool(getattr(args, "model", None)),
+                           has_particles=picks is not None, has_poses=picks is not None and picks.has_poses,
+                           poses_hint="give a particles STAR with rlnAngleRot/Tilt/Psi, e.g. Refine3D run_data.star")
+    if why:
+        print(f"crisp-ext: {why}", flush=True)
         return None
     if args.flip_y:
         raise InputError(f"--flip-y mirrors the particles, so their angles no longer fit {flag} {source}; give the "

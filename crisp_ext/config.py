@@ -250,7 +250,8 @@ class PickerConfig:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> "PickerConfig":
-        return _from_dict(cls, data, "")
+        """A config from nested dicts; types coerced, every value checked (:func:`validate`)."""
+        return validate(_from_dict(cls, data, ""))
 
     def updated(self, overrides: dict[str, Any]) -> "PickerConfig":
         """A copy with dotted-key overrides applied, e.g. ``{"train.epochs": 5}``; values are type-checked."""
@@ -266,6 +267,145 @@ class PickerConfig:
                 raise ConfigError(f"unknown config key {key!r} (see 'crisp-ext config' for the keys)")
             node[parts[-1]] = value
         return PickerConfig.from_dict(data)
+
+
+
+# -- the schema: allowed choices and ranges of every value, checked whenever a config is built ------------------
+
+ARCHS = ("unet", "unetplusplus", "manet", "linknet", "fpn", "pspnet", "deeplabv3", "deeplabv3plus", "pan",
+         "upernet", "segformer", "dpt")
+LOSS_NAMES = ("dice", "jaccard", "tversky", "lovasz", "bce", "focal")
+
+
+@dataclass(frozen=True)
+class Rule:
+    """What a value may be: one of ``choices``, or a number within [``low``, ``high``] (``open_low``: > low);
+    ``items``: the rule for each element of a list; ``check``: a function returning an error text or None."""
+
+    choices: tuple | None = None
+    low: float | None = None
+    high: float | None = None
+    open_low: bool = False
+    items: "Rule | None" = None
+    check: Any = None
+    hint: str = ""
+
+    def error(self, value) -> str | None:
+        if value is None:
+            return None
+        if self.check is not None:
+            return self.check(value)
+        if self.choices is not None:
+            return None if value in self.choices else f"use one of {', '.join(map(str, self.choices))}"
+        if self.items is not None:
+            for v in value:
+                e = self.items.error(v)
+                if e:
+                    return f"each element: {e}"
+            return None if value else "give at least one value"
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            if value != value or value in (float("inf"), float("-inf")):
+                return "must be a finite number"
+            if self.low is not None and (value <= self.low if self.open_low else value < self.low):
+                return f"must be {'>' if self.open_low else '>='} {self.low:g}" + (
+                    f" and <= {self.high:g}" if self.high is not None else "") + (f" ({self.hint})" if self.hint else "")
+            if self.high is not None and value > self.high:
+                return f"must be <= {self.high:g}" + (f" ({self.hint})" if self.hint else "")
+        return None
+
+
+def _positive(hint: str = "") -> Rule:
+    return Rule(low=0.0, open_low=True, hint=hint)
+
+
+def _at_least(n: float, high: float | None = None, hint: str = "") -> Rule:
+    return Rule(low=n, high=high, hint=hint)
+
+
+def _device(value) -> str | None:
+    return None if re.fullmatch(r"auto|cpu|cuda(:\d+)?", str(value).strip().lower()) else \
+        "use auto, cpu, cuda or cuda:N"
+
+
+def _loss(value) -> str | None:
+    for part in str(value).lower().split("+"):
+        m = re.fullmatch(r"\s*(?:([0-9]*\.?[0-9]+(?:e-?[0-9]+)?)\s*\*\s*)?([a-z]+)\s*", part)
+        if not m or m.group(2) not in LOSS_NAMES:
+            return f"cannot read term {part.strip()!r}: use {', '.join(LOSS_NAMES)} joined by '+', each optionally " \
+                   f"as 'weight*name'"
+    return None
+
+
+def _objective(value) -> str | None:
+    v = str(value).strip().lower()
+    if v in ("f1", "recall", "precision"):
+        return None
+    m = re.fullmatch(r"fbeta:([0-9]*\.?[0-9]+)", v)
+    return None if m and float(m.group(1)) > 0 else "use f1, recall, precision or fbeta:<beta > 0>"
+
+
+SCHEMA: dict[str, dict[str, Rule]] = {
+    "particle": {"diameter_A": _positive("the particle diameter in Å"),
+                 "diameter_px": _positive("the particle diameter in pixels")},
+    "preprocess": {"target_diameter_px": _at_least(8, 512, "the working scale's particle diameter"),
+                   "binning": Rule(choices=("fourier", "mean")), "normalise": Rule(choices=("robust", "gmm", "none")),
+                   "highpass_A": _positive(), "pixel_size": _positive("Å per pixel")},
+    "labels": {"kind": Rule(choices=("auto", "disk", "reprojection")), "disk_fraction": Rule(low=0, high=2,
+               open_low=True), "ignore_band": _at_least(0, 2), "background_weight": _at_least(0, 1),
+               "ignore_far": _at_least(0), "centre_weight": _at_least(0), "centre_sigma": Rule(low=0, high=1,
+               open_low=True), "threshold": Rule(choices=("li", "otsu", "yen", "triangle", "mean", "fraction")),
+               "threshold_fraction": Rule(low=0, high=1, open_low=True)},
+    "model": {"arch": Rule(choices=ARCHS), "encoder_depth": _at_least(3, 5),
+              "decoder_channels": Rule(items=_at_least(1)), "bn_momentum": _at_least(0, 1)},
+    "train": {"epochs": _at_least(1), "patch_size": _at_least(16), "patches_per_micrograph": _at_least(1),
+              "min_patches_per_epoch": _at_least(0), "batch_size": _at_least(1), "lr": _positive(),
+              "weight_decay": _at_least(0), "loss": Rule(check=_loss), "early_stop_patience": _at_least(0),
+              "n_train": _at_least(1), "n_val": _at_least(0), "device": Rule(check=_device),
+              "threads": _at_least(1, hint="CPU threads; leave unset for all cores"),
+              "monitor": Rule(choices=("iou", "f1", "dice")), "val_every": _at_least(1), "jitter": _at_least(0)},
+    "crf": {"kind": Rule(choices=("none", "standard", "cd")), "solver": Rule(choices=("mf", "fw")),
+            "iterations": _at_least(1), "theta_alpha": _positive(), "theta_beta": _positive(),
+            "theta_gamma": _positive(), "spatial_weight": _at_least(0), "bilateral_weight": _at_least(0),
+            "fw_lambda": _positive(), "fw_stepsize": _positive(), "x0_weight": _at_least(0, 1),
+            "finetune_epochs": _at_least(0), "lr_cnn": _positive(), "lr_crf": _positive(),
+            "feature_channels": _at_least(1), "compatibility": Rule(choices=("class", "potts")),
+            "fw_scheme": Rule(choices=("fixed", "standard")), "fw_regularizer": Rule(choices=("l2", "entropy")),
+            "appearance": Rule(choices=("auto", "grid", "window")), "window_stride": _at_least(0),
+            "cd_guide": Rule(choices=("logits", "features"))},
+    "predict": {"tile": _at_least(32, hint="working pixels per tile"), "overlap": _at_least(0),
+                "batch_size": _at_least(1), "tta": Rule(choices=(1, 2, 4, 8)), "workers": _at_least(0)},
+    "centres": {"finder": Rule(choices=("auto", "nms", "trackpy", "morphology")),
+                "threshold": _at_least(0, 1, "a score threshold between 0 and 1"),
+                "threshold_objective": Rule(check=_objective), "match_radius": Rule(low=0, high=2, open_low=True),
+                "edge": Rule(choices=("drop", "keep")), "box_fraction": _positive(), "min_distance": _at_least(0),
+                "refine": _at_least(0)},
+}
+
+
+def validate(cfg: "PickerConfig") -> "PickerConfig":
+    """Every value against :data:`SCHEMA` (and the few rules that tie two values); the first problem is a
+    :class:`ConfigError` naming the key, the value and what is allowed. Returns ``cfg``."""
+    data = cfg.to_dict()
+    for section, rules in SCHEMA.items():
+        for key, rule in rules.items():
+            value = data[section][key]
+            problem = rule.error(value)
+            if problem:
+                raise ConfigError(f"config key '{section}.{key}' = {value!r}: {problem}")
+    for section, values in data.items():  # every number finite, also those without a rule
+        for key, value in values.items():
+            if isinstance(value, float) and (value != value or value in (float("inf"), float("-inf"))):
+                raise ConfigError(f"config key '{section}.{key}' = {value!r}: must be a finite number")
+    if cfg.predict.overlap >= cfg.predict.tile:
+        raise ConfigError(f"config key 'predict.overlap' = {cfg.predict.overlap}: must be smaller than predict.tile "
+                          f"({cfg.predict.tile})")
+    if cfg.model.arch in ("unet", "unetplusplus", "manet") and len(cfg.model.decoder_channels) < cfg.model.encoder_depth:
+        raise ConfigError(f"config key 'model.decoder_channels' = {cfg.model.decoder_channels}: needs one width per "
+                          f"encoder stage (model.encoder_depth = {cfg.model.encoder_depth})")
+    if cfg.labels.centre_weight > 0 and cfg.crf.kind != "none":
+        raise ConfigError("config keys 'labels.centre_weight' > 0 and 'crf.kind' != 'none' cannot be combined (a "
+                          "centre channel has no CRF); set one of them off")
+    return cfg
 
 
 def _from_dict(cls, data: dict[str, Any], prefix: str):

@@ -114,9 +114,10 @@ def _check_inputs(micrographs: Sequence[Micrograph], particles: Particles | None
 
 
 def check_micrographs(micrographs: Sequence[Micrograph], cfg: PickerConfig,
-                      progress: ProgressCallback | None = None) -> None:
+                      progress: ProgressCallback | None = None, model_dir: Path | None = None) -> None:
     """Open every micrograph's header (no pixels read) and check that the particle fits in it, so that a corrupt or
-    mismatched file fails the run in seconds rather than after training."""
+    mismatched file fails the run in seconds rather than after training. ``model_dir``: the particle size comes
+    from that model (named in the errors)."""
     from .io.mrc import read_info
 
     progress = progress or silent
@@ -126,8 +127,57 @@ def check_micrographs(micrographs: Sequence[Micrograph], cfg: PickerConfig,
         if cfg.particle.diameter_A is None and cfg.particle.diameter_px is None:
             continue  # the diameter comes from a model directory; checked when it is known
         # the header just read supplies a missing pixel size (no second open)
-        diameter = micrograph_diameter(mic.with_(pixel_size=mic.pixel_size or info.pixel_size), cfg)
+        try:
+            diameter = micrograph_diameter(mic.with_(pixel_size=mic.pixel_size or info.pixel_size), cfg)
+        except InputError:
+            if model_dir is None:
+                raise
+            raise InputError(f"{mic.path}: the model {model_dir} knows its particle as {cfg.particle.diameter_A:g} Å, "
+                             f"but this micrograph has no pixel size; give --pixel-size, or the diameter in pixels of "
+                             f"these micrographs (--diameter NNpx)") from None
         check_particle_fits(mic.path, diameter, info.shape)
+
+
+def check_training_picks(micrographs: Sequence[Micrograph], particles: Particles, cfg: PickerConfig,
+                         progress: ProgressCallback | None = None) -> Particles:
+    """The picks that lie on their micrograph. Picks outside it are counted and left out with a warning; when
+    most are outside (another binning, a y-flip, a wrong pixel size) or none is left, an :class:`InputError`."""
+    from .io.mrc import read_info
+
+    progress = progress or silent
+    by_id = micrographs_by_id(micrographs)
+    keep = np.ones(len(particles), dtype=bool)
+    near_edge = 0
+    worst = None  # (how far out, micrograph, x, y, nx, ny)
+    for mid in particles.micrograph_ids():
+        mic = by_id[mid]
+        ny, nx = mic.shape or read_info(mic.path).shape
+        sel = np.flatnonzero(particles.micrograph == mid)
+        x, y = particles.x[sel], particles.y[sel]
+        inside = (x >= 0) & (x <= nx - 1) & (y >= 0) & (y <= ny - 1)
+        keep[sel] = inside
+        if (~inside).any():
+            out = np.maximum.reduce([-x, x - (nx - 1), -y, y - (ny - 1)])
+            k = int(np.argmax(out))
+            if worst is None or out[k] > worst[0]:
+                worst = (float(out[k]), mic.name, float(x[k]), float(y[k]), nx, ny)
+        if cfg.particle.diameter_A or cfg.particle.diameter_px:
+            half = 0.5 * cfg.centres.box_fraction * micrograph_diameter(mic.with_(shape=(ny, nx)), cfg)
+            near_edge += int((inside & ((x < half) | (x > nx - half) | (y < half) | (y > ny - half))).sum())
+    n_out = int((~keep).sum())
+    if n_out:
+        where = (f"e.g. ({worst[2]:.0f}, {worst[3]:.0f}) on {worst[1]}, which is {worst[4]}×{worst[5]} px")
+        cause = ("coordinates in another binning, y measured from the other edge (--flip-y), or a wrong pixel size "
+                 "in the particles' STAR")
+        if n_out * 2 > len(particles) or n_out == len(particles):
+            raise InputError(f"{n_out} of {len(particles)} training picks lie outside their micrograph ({where}): "
+                             f"likely {cause}; fix the coordinates before training")
+        progress(ProgressEvent("warning", message=f"{n_out} of {len(particles)} training picks lie outside their "
+                                                  f"micrograph ({where}) and are left out; check for {cause}"))
+    if near_edge:
+        progress(ProgressEvent("prepare", message=f"{near_edge} training pick(s) lie within half a box of the "
+                                                  f"micrograph edge (used for training; such picks are not extracted)"))
+    return particles.subset(keep) if n_out else particles
 
 
 def choose_split(ids_with_picks: Sequence[str], n_train: int, n_val: int, seed: int,
@@ -242,6 +292,10 @@ def _train(micrographs, by_id, particles: Particles, cfg: PickerConfig, work_dir
         scores.append(cs.score)
     vm = picking_metrics(preds, scores, val_truth, cfg.centres.match_radius * diameter_w)
     timings["select"] = time.perf_counter() - t0
+    if vm.n_true and vm.f1 == 0:
+        raise InputError(f"the trained picker finds none of the {vm.n_true} picks on the validation micrographs "
+                         f"({', '.join(by_id[m].name for m in val)}): validation F1 is 0, so no model is saved; check "
+                         f"the particle diameter and its unit, the coordinates, and train longer (train.epochs)")
     validation = {"micrographs": [by_id[m].name for m in val], "picking": vm.as_dict(),
                   "best_epoch": result.best_epoch, "best_metric": result.best_metric,
                   "train_micrographs": [by_id[m].name for m in train]}
@@ -250,10 +304,12 @@ def _train(micrographs, by_id, particles: Particles, cfg: PickerConfig, work_dir
                                              f"{vm.recall:.3f} F1 {vm.f1:.3f}"))
     diameters_px = [micrograph_diameter(by_id[m], cfg) for m in train]
     pixel_sizes = [prepared[m][1].pixel_size for m in train if prepared[m][1].pixel_size]
+    pixel_size = float(np.median(pixel_sizes)) if pixel_sizes else None
     info = {
         "diameter_px": float(np.median(diameters_px)),
-        "diameter_A": cfg.particle.diameter_A,
-        "pixel_size": float(np.median(pixel_sizes)) if pixel_sizes else None,
+        # the physical size whenever a pixel size is known, so that picking at another pixel size rescales
+        "diameter_A": cfg.particle.diameter_A or (float(np.median(diameters_px)) * pixel_size if pixel_size else None),
+        "pixel_size": pixel_size,
         "working_diameter_px": cfg.preprocess.target_diameter_px,
         "labels": cfg.labels.kind,
         "labels_detail": label_info,
@@ -343,6 +399,7 @@ def prepare_picker(
         progress(ProgressEvent("prepare", message=f"loaded model {model_dir} ({cfg.model.arch} / "
                                                   f"{cfg.model.encoder})"))
     else:
+        particles = check_training_picks(micrographs, particles, config, progress)
         model, cfg, info, model_dir, validation = _train(micrographs, by_id, particles, config, work_dir, reference,
                                                          train_ids, val_ids, progress, should_abort, timings)
     selection = info.get("selection", {})
@@ -442,6 +499,8 @@ def run(
     picker = prepare_picker(micrographs, config, work_dir=work_dir, particles=particles, model_dir=model_dir,
                             reference=reference, train_ids=train_ids, val_ids=val_ids, should_abort=should_abort,
                             progress=progress)
+    if model_dir is not None:  # the particle size is known only now: check it against what is to be picked
+        check_micrographs([m for m in micrographs if not (skip and skip(m))], picker.config, silent, model_dir)
     if on_ready:
         on_ready(picker)
     result = pick(picker, micrographs, work_dir=work_dir, skip=skip, on_picked=on_picked, map_path=map_path,
@@ -461,6 +520,9 @@ def _picking_config(saved: PickerConfig, given: PickerConfig, info: dict) -> Pic
     cfg.train.device, cfg.train.threads = given.train.device, given.train.threads
     if given.particle.diameter_A or given.particle.diameter_px:
         cfg.particle = given.particle
+    elif info.get("diameter_A"):
+        # the physical size: each micrograph's diameter in pixels follows from its own pixel size
+        cfg.particle.diameter_A, cfg.particle.diameter_px = float(info["diameter_A"]), None
     elif not (cfg.particle.diameter_A or cfg.particle.diameter_px):
         cfg.particle.diameter_px = info.get("diameter_px")
     if given.preprocess.pixel_size:

@@ -235,8 +235,16 @@ def load_working(path: str | Path, diameter_px: float, cfg: PreprocessConfig,
     return to_working(image, diameter_px, cfg, ps)
 
 
+MIN_WORKING_DIAMETER = 4.0  # px: below this (after at most MAX_UPSAMPLING) no network can find a particle
+
+
 def check_particle_fits(path: str | Path, diameter_px: float, shape: tuple[int, int]) -> None:
-    """An :class:`InputError` naming ``path`` unless the particle is smaller than the micrograph ``(ny, nx)``."""
+    """An :class:`InputError` naming ``path`` unless the particle is smaller than the micrograph ``(ny, nx)`` and
+    at least :data:`MIN_WORKING_DIAMETER` px wide at the working scale (so: at least 2 original px)."""
+    if not diameter_px > 0 or diameter_px * MAX_UPSAMPLING < MIN_WORKING_DIAMETER:
+        raise InputError(f"{path}: particle diameter {diameter_px:.3g} px is too small to pick (under "
+                         f"{MIN_WORKING_DIAMETER / MAX_UPSAMPLING:g} px); check the diameter and its unit (Å or px) "
+                         f"and the pixel size")
     if diameter_px >= min(shape):
         raise InputError(f"{path}: particle diameter {diameter_px:g} px is not smaller than the micrograph "
                          f"({shape[1]}×{shape[0]} px); check the diameter and its unit (Å or px)")

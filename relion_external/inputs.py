@@ -138,6 +138,9 @@ def read_coords(in_coords: str, mics: Sequence[Micrograph], in_mics: str, log=pr
                 unknown.append(name)
             elif Path(f).is_file():
                 files.append((mid, f))
+            else:  # the list names it: a missing file is lost picks, never a silent skip
+                raise InputError(f"--in_coords {in_coords}: lists {f} for {name}, but that file is missing; restore "
+                                 f"it or give a list without it")
         if unknown and not files:
             raise InputError(f"--in_coords {in_coords}: none of its micrographs (e.g. {unknown[0]!r}) is in "
                              f"--in_mics {in_mics}; give the micrographs the coordinates were picked on")

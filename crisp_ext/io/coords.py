@@ -59,20 +59,44 @@ def read_coordinates(path: str | Path, *, flip_y_height: float | None = None) ->
 
 
 def _read_star(path: Path) -> CoordinateTable:
+    _check_text(path)
     blocks = read_star(path)
-    if not blocks or all(len(b) == 0 for b in blocks.values()):
+    if not blocks:
+        if "data_" in path.read_text(errors="replace"):
+            return CoordinateTable(np.zeros((0, 2)))  # a STAR file with empty blocks: no picks
+        raise InputError(f"{path}: not a STAR file (no data_ block); remove it from the folder or fix it")
+    if all(len(b) == 0 for b in blocks.values()):
         return CoordinateTable(np.zeros((0, 2)))
-    block = next((b for b in blocks.values() if "rlnCoordinateX" in b.columns), None)
-    if block is None:
-        raise InputError(f"{path}: no _rlnCoordinateX/_rlnCoordinateY columns; is this a coordinate STAR file?")
-    xy = block[["rlnCoordinateX", "rlnCoordinateY"]].to_numpy(dtype=np.float64)
+    block = next((b for b in blocks.values() if "rlnCoordinateX" in b.columns or "rlnCoordinateY" in b.columns),
+                 None)
+    if block is None or not {"rlnCoordinateX", "rlnCoordinateY"} <= set(block.columns):
+        raise InputError(f"{path}: needs both _rlnCoordinateX and _rlnCoordinateY columns; is this a coordinate STAR "
+                         f"file?")
+    try:
+        xy = block[["rlnCoordinateX", "rlnCoordinateY"]].to_numpy(dtype=np.float64)
+    except (TypeError, ValueError):
+        raise InputError(f"{path}: _rlnCoordinateX/Y hold values that are not numbers") from None
     score = block["rlnAutopickFigureOfMerit"].to_numpy(np.float64) if "rlnAutopickFigureOfMerit" in block else None
     return CoordinateTable(xy, score)
 
 
+def _check_text(path: Path) -> str:
+    """The file's text; a binary or non-UTF-8 file is an error naming it (never silently no picks)."""
+    try:
+        text = path.read_bytes().decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise InputError(f"{path}: not a text coordinate file (byte {exc.start} is not UTF-8); remove it from the "
+                         f"folder or convert it") from None
+    except OSError as exc:
+        raise InputError(f"{path}: cannot read ({exc.strerror or exc.__class__.__name__})") from None
+    if "\x00" in text:
+        raise InputError(f"{path}: not a text coordinate file (it holds NUL bytes); remove it from the folder")
+    return text
+
+
 def _read_box(path: Path) -> CoordinateTable:
     rows = []
-    for lineno, line in enumerate(path.read_text().splitlines(), 1):
+    for lineno, line in enumerate(_check_text(path).splitlines(), 1):
         line = line.strip()
         if not line or line.startswith("#"):
             continue
@@ -100,7 +124,7 @@ _DIAMETER_NAMES = ("diameter", "diameter_px")
 
 
 def _read_csv(path: Path) -> CoordinateTable:
-    text = path.read_text()
+    text = _check_text(path)
     reader = csv.reader(io.StringIO(text))
     try:
         header = [h.strip().lower() for h in next(reader)]

@@ -81,7 +81,9 @@ def read_picks(spec: str | Path, micrographs: Sequence[Micrograph], *, flip_y: b
         parts = read_relion_particles(path, micrograph_pixel_size=micrograph_pixel_size)
         return _map_particle_names(parts, micrographs, path, flip_y)
     if path.is_dir():
-        files = sorted(p for p in path.iterdir() if p.suffix.lower() in COORDINATE_SUFFIXES and p.is_file())
+        # hidden files (a killed run's temporary ``.name.XXXX.tmp.star``) are never picks
+        files = sorted(p for p in path.iterdir() if p.suffix.lower() in COORDINATE_SUFFIXES and p.is_file()
+                       and not p.name.startswith("."))
         if not files:
             raise InputError(f"{path}: no coordinate files (.star, .box, .csv) in this directory")
     elif path.is_file():

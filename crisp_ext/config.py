@@ -382,6 +382,14 @@ SCHEMA: dict[str, dict[str, Rule]] = {
 }
 
 
+def check_value(key: str, value) -> str | None:
+    """What is wrong with ``value`` for the dotted ``key`` by its rule in :data:`SCHEMA` (None: nothing, or no
+    rule); for command-line shortcuts that name their own option in the error."""
+    section, _, name = key.partition(".")
+    rule = SCHEMA.get(section, {}).get(name)
+    return rule.error(value) if rule is not None else None
+
+
 def validate(cfg: "PickerConfig") -> "PickerConfig":
     """Every value against :data:`SCHEMA` (and the few rules that tie two values); the first problem is a
     :class:`ConfigError` naming the key, the value and what is allowed. Returns ``cfg``."""

@@ -120,8 +120,8 @@ def snapshot(*paths: Path) -> dict:
 
 
 def temp_files(out: Path) -> list[Path]:
-    """Leftovers of atomic writes (``.<stem>.XXXX.tmp<suffix>``) or anything hidden."""
-    return [f for f in out.rglob("*") if f.name.startswith(".") or ".tmp" in f.name]
+    """Leftovers of atomic writes (``.<stem>.XXXX.tmp<suffix>``) or anything hidden (but the folder's lock file)."""
+    return [f for f in out.rglob("*") if (f.name.startswith(".") or ".tmp" in f.name) and f.name != ".crisp-ext.lock"]
 
 
 def is_png(path: Path) -> bool:
@@ -172,7 +172,7 @@ def test_pick_writes_consistent_coordinates_particles_star_summary_and_plots(pro
     counts = summary["counts"]
     assert sorted(counts) == NAMES
     assert summary["micrographs_picked"] == len(NAMES) and summary["micrographs_skipped"] == 0
-    assert sum(counts.values()) == summary["particles"] == summary["particles_total"] > 0
+    assert sum(counts.values()) == summary["particles"] == summary["particles_this_run"] > 0
     info = json.loads((trained.model / "model.json").read_text())
     assert summary["finder"] == info["selection"]["finder"]
     assert summary["threshold"] == pytest.approx(info["threshold"])
@@ -211,7 +211,7 @@ def test_pick_writes_consistent_coordinates_particles_star_summary_and_plots(pro
     assert {"rlnVoltage", "rlnSphericalAberration", "rlnAmplitudeContrast"} <= set(optics.columns)
     assert {"rlnCoordinateX", "rlnCoordinateY", "rlnMicrographName", "rlnAutopickFigureOfMerit",
             "rlnOpticsGroup"} <= set(parts.columns)
-    assert len(parts) == summary["particles_total"]
+    assert len(parts) == summary["particles"]
     for name in NAMES:
         rows = parts[parts["rlnMicrographName"] == f"mics/{name}.mrc"]
         assert len(rows) == counts[name]
@@ -353,13 +353,13 @@ def test_pick_resumes_after_an_interruption_skips_done_micrographs_and_overwrite
     assert "2 micrograph(s) already done, skipped" in stdout and "(2 skipped as done)" in stdout
     summary = json.loads((out / "summary.json").read_text())
     assert summary["micrographs_skipped"] == 2 and summary["micrographs_picked"] == 2
-    assert sorted(summary["counts"]) == NAMES[2:]
+    assert sorted(summary["counts_this_run"]) == NAMES[2:] and sorted(summary["counts"]) == NAMES  # the whole folder
     files = sorted((out / "coordinates").iterdir())
     assert [p.name for p in files] == [f"{n}_crisp.star" for n in NAMES]
     after = _states(files)
     assert all(after[name] == state for name, state in before.items())
     total = sum(len(read_coordinates(p)) for p in files)
-    assert summary["particles_total"] == total == len(starfile.read(out / "particles.star")["particles"])
+    assert summary["particles"] == total == len(starfile.read(out / "particles.star")["particles"])
 
     # once more: everything is done, nothing is written but the combined STAR and the summary
     before = _states(files)
@@ -369,7 +369,7 @@ def test_pick_resumes_after_an_interruption_skips_done_micrographs_and_overwrite
     assert _states(files) == before
     summary = json.loads((out / "summary.json").read_text())
     assert summary["micrographs_skipped"] == 4 and summary["micrographs_picked"] == 0
-    assert summary["particles"] == 0 and summary["particles_total"] == total
+    assert summary["particles_this_run"] == 0 and summary["particles"] == total
 
     # --overwrite picks every micrograph again (new files), with the same result
     contents = {p.name: p.read_bytes() for p in files}
@@ -503,7 +503,7 @@ def test_a_corrupt_micrograph_fails_before_training(project, tmp_path, capsys):
     expect_input_error(capsys, ["pick", "--mics", mics, "--picks", project.picks, "--diameter", "28px",
                                 "--out", out, *common(project)], bad, "MRC file is truncated")
     assert not (out / "model").exists()  # failed before training
-    assert not [f for f in out.rglob("*") if f.is_file() and f.name not in ("config.toml", "crisp-ext.log")]
+    assert not [f for f in out.rglob("*") if f.is_file() and f.name not in ("config.toml", "crisp-ext.log", ".crisp-ext.lock")]
     log = (out / "crisp-ext.log").read_text()
     assert "crisp-ext pick --mics" in log and f"crisp-ext: error: {bad}: MRC file is truncated" in log
 

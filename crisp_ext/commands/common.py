@@ -61,25 +61,49 @@ def add_training(p: argparse.ArgumentParser) -> None:
     p.add_argument("--map-pixel-size", type=float, help="pixel size of --mask/--map in Å/px (default: its header)")
 
 
+SHORTCUTS = (("--pixel-size", "pixel_size", "preprocess.pixel_size"), ("--epochs", "epochs", "train.epochs"),
+             ("--device", "device", "train.device"), ("--threads", "threads", "train.threads"),
+             ("--threshold", "threshold", "centres.threshold"))
+
+
 def build_config(args):
-    """The picker configuration: ``--config`` (or the defaults), then ``--set``, then the shortcut options."""
-    from ..config import PickerConfig, load_config, parse_overrides
+    """The picker configuration: ``--config`` (or the defaults), then ``--set``, then the shortcut options; every
+    value checked (a bad shortcut is an error naming its option)."""
+    from ..config import PickerConfig, check_value, load_config, parse_overrides
 
     cfg = load_config(args.config) if args.config else PickerConfig()
     overrides = parse_overrides(args.set)
     if getattr(args, "diameter", None):
         a, px = args.diameter
         overrides["particle.diameter_A"], overrides["particle.diameter_px"] = a, px
-    for key, value in (("preprocess.pixel_size", getattr(args, "pixel_size", None)),
-                       ("train.epochs", getattr(args, "epochs", None)),
-                       ("train.device", getattr(args, "device", None)),
-                       ("train.threads", getattr(args, "threads", None)),
-                       ("centres.threshold", getattr(args, "threshold", None))):
+    for option, attr, key in SHORTCUTS:
+        value = getattr(args, attr, None)
         if value is not None:
+            problem = check_value(key, value)
+            if problem:
+                raise ConfigError(f"{option} {value}: {problem}")
             overrides[key] = value
     if getattr(args, "save_maps", False):
         overrides["predict.save_maps"] = True
     return cfg.updated(overrides) if overrides else cfg
+
+
+def add_output_options(p: argparse.ArgumentParser, help_out: str) -> None:
+    p.add_argument("--out", type=Path, required=True, help=help_out)
+    p.add_argument("--wait", action="store_true", help="when another crisp-ext run uses --out, wait for it to finish "
+                                                       "instead of stopping")
+
+
+def use_output_dir(args, stack) -> Path:
+    """Check, lock (for this run, in ``stack``) and tidy ``--out`` before any work; returns it."""
+    from ..io.outdir import output_lock, prepare_output_dir, remove_leftovers
+
+    out = prepare_output_dir(args.out)
+    stack.enter_context(output_lock(out, wait=args.wait))
+    removed = remove_leftovers(out)
+    if removed:
+        print(f"crisp-ext: removed {len(removed)} temporary file(s) an interrupted run left in {out}", flush=True)
+    return out
 
 
 def progress(args):

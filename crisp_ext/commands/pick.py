@@ -7,6 +7,7 @@ ones'), and with ``--extract`` particle stacks.
 
 from __future__ import annotations
 
+import contextlib
 import json
 from pathlib import Path
 
@@ -22,7 +23,7 @@ def add_parser(sub) -> None:
     common.add_common(p)
     common.add_training(p)
     p.add_argument("--model", type=Path, help="a model directory from 'crisp-ext train' (skips training)")
-    p.add_argument("--out", type=Path, required=True, help="output directory")
+    common.add_output_options(p, "output directory")
     p.add_argument("--threshold", type=float, help="score threshold (default: chosen on validation micrographs)")
     p.add_argument("--overwrite", action="store_true", help="pick again micrographs that already have output")
     p.add_argument("--save-maps", action="store_true", help="write probability maps (MRC) to OUT/maps")
@@ -31,6 +32,27 @@ def add_parser(sub) -> None:
 
 
 def run(args) -> int:
+    with contextlib.ExitStack() as stack:
+        return _run(args, stack)
+
+
+def _check_box(box: int | None, mics) -> None:
+    """``--extract BOX``: an even number of pixels that fits in every micrograph (checked before any work)."""
+    from ..errors import InputError
+    from ..io.mrc import read_info
+
+    if box is None:
+        return
+    if box < 4 or box % 2:
+        raise InputError(f"--extract {box}: give an even box size of at least 4 px (RELION's Extract needs even "
+                         f"boxes), e.g. 1.5 particle diameters")
+    smallest = min((m.shape or read_info(m.path).shape for m in mics), key=min)
+    if box > min(smallest):
+        raise InputError(f"--extract {box}: the box is larger than the smallest micrograph ({smallest[1]}×"
+                         f"{smallest[0]} px); give a box of about 1.5 particle diameters")
+
+
+def _run(args, stack) -> int:
     from ..config import save_config
     from ..io.atomic import atomic_write_text
     from ..io.outputs import CoordinateWriter, read_picked, write_particles_star
@@ -38,13 +60,16 @@ def run(args) -> int:
     from ..scores import figure_of_merit
 
     cfg = common.build_config(args)
+    if args.extract is not None and args.extract < 4:
+        _check_box(args.extract, [])
     mics, picks = common.read_inputs(args, cfg, need_picks=args.model is None)
+    _check_box(args.extract, mics)
     train_ids = common.ids_for(common.names(args.train_mics), mics)
     val_ids = common.ids_for(common.names(args.val_mics), mics)
     reference = common.reference(args, picks)
+    common.use_output_dir(args, stack)
     out: Path = args.out
     writer = CoordinateWriter(out / "coordinates", args.suffix)
-    writer.folder.mkdir(parents=True, exist_ok=True)
     save_config(cfg, out / "config.toml")
 
     result = run_pipeline(mics, cfg, work_dir=out, particles=picks, model_dir=args.model, reference=reference,
@@ -61,8 +86,13 @@ def run(args) -> int:
     write_particles_star(out / "particles.star", allp, mics, pixel_sizes, fom=fom)
     if args.extract:
         _extract(args.extract, used, mics, allp, fom, pixel_sizes, out)
+    # the summary describes the whole folder (earlier runs' micrographs too), this run's share beside it
     summary = summary_dict(result, mics)
-    summary["particles_total"] = int(len(allp))
+    names = {m.id: m.name for m in mics}
+    summary.update({"particles": int(len(allp)), "particles_this_run": int(len(result.picks)),
+                    "micrographs_with_picks_file": len(pixel_sizes),
+                    "counts": {names[m]: int((allp.micrograph == m).sum()) for m in pixel_sizes},
+                    "counts_this_run": summary["counts"]})
     atomic_write_text(out / "summary.json", json.dumps(summary, indent=2) + "\n")
     common.say(args, f"{len(result.picks)} particles picked on {len(result.counts)} micrograph(s) "
                      f"({len(result.skipped)} skipped as done); {len(allp)} in {out / 'particles.star'}")

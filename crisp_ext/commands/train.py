@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
 import time
-from pathlib import Path
 
 from . import common
 
@@ -14,10 +14,15 @@ def add_parser(sub) -> None:
     p = sub.add_parser(NAME, help="train a picker on curated picks and save a model directory")
     common.add_common(p, picks_required=True)
     common.add_training(p)
-    p.add_argument("--out", type=Path, required=True, help="output directory (the model goes to OUT/model)")
+    common.add_output_options(p, "output directory (the model goes to OUT/model)")
 
 
 def run(args) -> int:
+    with contextlib.ExitStack() as stack:
+        return _run(args, stack)
+
+
+def _run(args, stack) -> int:
     from ..config import save_config
     from ..pipeline import prepare_picker
 
@@ -26,8 +31,8 @@ def run(args) -> int:
     train_ids = common.ids_for(common.names(args.train_mics), mics)
     val_ids = common.ids_for(common.names(args.val_mics), mics)
     reference = common.reference(args, picks)
+    common.use_output_dir(args, stack)
     out = args.out
-    out.mkdir(parents=True, exist_ok=True)
     save_config(cfg, out / "config.toml")
     t0 = time.perf_counter()
     trained = prepare_picker(mics, cfg, work_dir=out, particles=picks, reference=reference, train_ids=train_ids,

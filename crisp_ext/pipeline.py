@@ -176,8 +176,27 @@ def check_training_picks(micrographs: Sequence[Micrograph], particles: Particles
                                                   f"micrograph ({where}) and are left out; check for {cause}"))
     if near_edge:
         progress(ProgressEvent("prepare", message=f"{near_edge} training pick(s) lie within half a box of the "
-                                                  f"micrograph edge (used for training; such picks are not extracted)"))
+                                                  f"micrograph edge"))
     return particles.subset(keep) if n_out else particles
+
+
+def choose_edge_rule(items, diameters_w: Sequence[float], box_fraction: float) -> tuple[str, str]:
+    """``keep`` when the curated picks (``items``: labelled micrographs at the working scale) include particles within
+    half a box of the edge at least half as often as their density predicts, else ``drop``; and why (a log line)."""
+    seen = expected = 0.0
+    for item, d in zip(items, diameters_w):
+        ny, nx = item.image.shape
+        h = 0.5 * box_fraction * d
+        x, y = item.truth_xy[:, 0], item.truth_xy[:, 1]
+        seen += float(((x < h) | (x > nx - h) | (y < h) | (y > ny - h)).sum())
+        band = 1.0 - max(0.0, nx - 2 * h) * max(0.0, ny - 2 * h) / float(nx * ny)
+        expected += band * len(x)
+    if expected <= 0:
+        return "drop", "edge rule drop (no picks to judge by)"
+    ratio = seen / expected
+    rule = "keep" if ratio >= 0.5 else "drop"
+    return rule, (f"edge rule {rule}: {seen:.0f} curated picks lie within half a box of the edge, {ratio:.0%} of "
+                  f"what their density predicts")
 
 
 def choose_split(ids_with_picks: Sequence[str], n_train: int, n_val: int, seed: int,
@@ -276,6 +295,13 @@ def _train(micrographs, by_id, particles: Particles, cfg: PickerConfig, work_dir
         val_truth.append(item.truth_xy)
         val_diam.append(prepared[mid][1].scale.length_to_working(micrograph_diameter(by_id[mid], cfg)))
     diameter_w = float(np.median(val_diam))
+    if cfg.centres.edge == "auto":
+        ids = list(dict.fromkeys(train + val))
+        edge, why = choose_edge_rule([prepared[m][0] for m in ids],
+                                     [prepared[m][1].scale.length_to_working(micrograph_diameter(by_id[m], cfg))
+                                      for m in ids], cfg.centres.box_fraction)
+        cfg = cfg.updated({"centres.edge": edge})
+        progress(ProgressEvent("select", message=why))
     finders = ("nms", "trackpy", "morphology") if cfg.centres.finder == "auto" else (cfg.centres.finder,)
     options = _centre_options(cfg, diameter_w)
     selection = select_finder(val_maps, val_truth, diameter_w, finders=finders,
@@ -516,7 +542,11 @@ def _picking_config(saved: PickerConfig, given: PickerConfig, info: dict) -> Pic
     cfg.predict = given.predict
     cfg.centres = given.centres if (given.centres.finder != "auto" or given.centres.params
                                     or given.centres.threshold is not None) else saved.centres
-    cfg.centres.edge, cfg.centres.box_fraction = given.centres.edge, given.centres.box_fraction
+    if given.centres.edge != "auto":  # else the rule chosen at training (models from before it: drop)
+        cfg.centres.edge = given.centres.edge
+    elif cfg.centres.edge == "auto":
+        cfg.centres.edge = "drop"
+    cfg.centres.box_fraction = given.centres.box_fraction
     cfg.train.device, cfg.train.threads = given.train.device, given.train.threads
     if given.particle.diameter_A or given.particle.diameter_px:
         cfg.particle = given.particle

@@ -145,6 +145,10 @@ def _check_out_dir(out_dir: Path, project_dir: Path) -> None:
                        and _is_job_dir(out.relative_to(proj).parts[0])):
         raise InputError(f"output directory {out_dir} is the project directory or one of its job directories; "
                          f"give a separate directory (the project's files are never modified)")
+    from crisp_ext.io.outdir import prepare_output_dir, remove_leftovers
+
+    prepare_output_dir(out_dir, option="--out")
+    remove_leftovers(out_dir)
 
 
 def _is_job_dir(part: str) -> bool:

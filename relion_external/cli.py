@@ -450,7 +450,18 @@ def main(argv: list[str] | None = None) -> int:
         _log(f"error: {exc}")
         job.mark(MARKER_FAILURE)
         return EXIT_INPUT
-    except (Exception, KeyboardInterrupt, _Terminated) as exc:
+    except KeyboardInterrupt:
+        print(f"{PROG}: interrupted (Ctrl-C); Continue the job to pick what is left", file=sys.stderr, flush=True)
+        _log("interrupted (Ctrl-C)")
+        job.mark(MARKER_ABORTED)
+        return EXIT_INTERRUPTED
+    except _Terminated as exc:
+        print(f"{PROG}: error: {exc} (killed by the queue or by hand); Continue the job to pick what is left",
+              file=sys.stderr, flush=True)
+        _log(f"failed: {exc}")
+        job.mark(MARKER_FAILURE)
+        return EXIT_INTERRUPTED
+    except Exception as exc:  # a bug: keep the traceback in run.err for the report
         traceback.print_exc(file=sys.stderr)
         print(f"{PROG}: error: {type(exc).__name__}: {exc}", file=sys.stderr, flush=True)
         _log(f"failed: {type(exc).__name__}: {exc} (details in run.err)")

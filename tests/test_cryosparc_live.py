@@ -148,10 +148,14 @@ def test_setup_error_ends_the_new_job_failed(cryosparc_inprocess, tmp_path):
 def test_pipeline_error_ends_the_job_failed_and_is_raised_as_input_error(cryosparc_inprocess, tmp_path):
     fake = cryosparc_inprocess
     seed_scene(fake)
-    with pytest.raises(InputError, match="unknown model.arch"):
-        live(fake, tmp_path, diameter_A=DIAMETER_A, config={**TINY, "model.arch": "nonsense"})
+    with pytest.raises(InputError, match="unknown model.encoder"):  # found only when the network is built
+        live(fake, tmp_path, diameter_A=DIAMETER_A, config={**TINY, "model.encoder": "nonsense"})
     job = fake.job("J3")
-    assert job.status == "failed" and "unknown model.arch" in job.errors_run[-1].message
+    assert job.status == "failed" and "unknown model.encoder" in job.errors_run[-1].message
+    # a value the config's schema refuses never gets as far as creating a job
+    with pytest.raises(InputError, match="model.arch"):
+        live(fake, tmp_path, diameter_A=DIAMETER_A, config={**TINY, "model.arch": "nonsense"})
+    assert "J4" not in fake.jobs()
 
 
 def test_interrupt_fails_the_job_instead_of_completing_it(cryosparc_inprocess, tmp_path, tiny_model_dir):

@@ -155,7 +155,7 @@ def test_pipeline_error_ends_the_job_failed_and_is_raised_as_input_error(cryospa
     # a value the config's schema refuses never gets as far as creating a job
     with pytest.raises(InputError, match="model.arch"):
         live(fake, tmp_path, diameter_A=DIAMETER_A, config={**TINY, "model.arch": "nonsense"})
-    assert "J4" not in fake.jobs()
+    assert "J4" not in fake.jobs
 
 
 def test_interrupt_fails_the_job_instead_of_completing_it(cryosparc_inprocess, tmp_path, tiny_model_dir):

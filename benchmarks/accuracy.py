@@ -45,8 +45,12 @@ SHARED = ROOT.parent / "shared" / "data"
 # Candidate settings (dotted config keys); "default" is the package's defaults as they are.
 CANDIDATES: dict[str, dict] = {
     "default": {},
+    # the defaults before the accuracy work (issue 14): one segmentation channel, picks near the edge dropped
+    "before": {"labels.centre_weight": 0.0, "centres.map": "auto", "centres.edge": "drop"},
+    "edge_auto": {"labels.centre_weight": 0.0, "centres.map": "auto", "centres.edge": "auto"},
+    "centre_only": {"labels.centre_weight": 1.0, "centres.map": "centre", "centres.edge": "drop"},
+    "centre_auto": {"labels.centre_weight": 1.0, "centres.map": "auto", "centres.edge": "auto"},
     "disk05": {"labels.disk_fraction": 0.5},
-    "centre": {"labels.centre_weight": 1.0},
     "centre_disk05": {"labels.centre_weight": 1.0, "labels.disk_fraction": 0.5},
     "tta8": {"predict.tta": 8},
     "lite0": {"model.encoder": "tu-efficientnet_lite0", "model.encoder_weights": "packaged"},

@@ -203,6 +203,9 @@ class PredictConfig:
 @dataclass
 class CentreConfig:
     finder: str = "auto"  # auto | nms | trackpy | morphology
+    # The map centres are found on: segmentation | centre (the centre channel, labels.centre_weight > 0) | auto
+    # (with a centre channel: whichever of the two scores better on the validation micrographs; chosen at training)
+    map: str = "auto"
     params: dict[str, float] = field(default_factory=dict)  # finder hyperparameters; empty = defaults / chosen
     threshold: float | None = None  # score threshold; None = chosen on validation micrographs
     threshold_objective: str = "f1"  # f1 | recall | precision | fbeta:<beta>
@@ -380,6 +383,7 @@ SCHEMA: dict[str, dict[str, Rule]] = {
     "predict": {"tile": _at_least(32, hint="working pixels per tile"), "overlap": _at_least(0),
                 "batch_size": _at_least(1), "tta": Rule(choices=(1, 2, 4, 8)), "workers": _at_least(0)},
     "centres": {"finder": Rule(choices=("auto", "nms", "trackpy", "morphology")),
+                "map": Rule(choices=("auto", "segmentation", "centre")),
                 "threshold": _at_least(0, 1, "a score threshold between 0 and 1"),
                 "threshold_objective": Rule(check=_objective), "match_radius": Rule(low=0, high=2, open_low=True),
                 "edge": Rule(choices=("auto", "drop", "keep")), "box_fraction": _positive(), "min_distance": _at_least(0),
@@ -415,6 +419,9 @@ def validate(cfg: "PickerConfig") -> "PickerConfig":
     if cfg.model.arch in ("unet", "unetplusplus", "manet") and len(cfg.model.decoder_channels) < cfg.model.encoder_depth:
         raise ConfigError(f"config key 'model.decoder_channels' = {cfg.model.decoder_channels}: needs one width per "
                           f"encoder stage (model.encoder_depth = {cfg.model.encoder_depth})")
+    if cfg.centres.map == "centre" and cfg.labels.centre_weight <= 0:
+        raise ConfigError("config key 'centres.map' = 'centre' needs a centre channel: set labels.centre_weight > 0, "
+                          "or centres.map = 'auto'")
     if cfg.labels.centre_weight > 0 and cfg.crf.kind != "none":
         raise ConfigError("config keys 'labels.centre_weight' > 0 and 'crf.kind' != 'none' cannot be combined (a "
                           "centre channel has no CRF); set one of them off")

@@ -24,6 +24,7 @@ The returned picks carry scores (the finder's score; higher is better) in origin
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import time
 from dataclasses import dataclass, field
@@ -248,7 +249,7 @@ def _train(micrographs, by_id, particles: Particles, cfg: PickerConfig, work_dir
     from .centres.select import select_finder
     from .metrics import picking_metrics
     from .model_dir import save_model_dir
-    from .predict import predict_map
+    from .predict import predict_maps
     from .train import train_model
 
     ids_with_picks = [m for m in particles.micrograph_ids() if m in by_id]
@@ -288,10 +289,10 @@ def _train(micrographs, by_id, particles: Particles, cfg: PickerConfig, work_dir
     # Centre finder and threshold, chosen on the *predicted* maps of the validation micrographs.
     t0 = time.perf_counter()
     progress(ProgressEvent("select", message="choosing the centre finder on the validation micrographs"))
-    val_maps, val_truth, val_diam = [], [], []
+    val_channels, val_truth, val_diam = [], [], []
     for mid in val:
         item = prepared[mid][0]
-        val_maps.append(predict_map(result.model, item.image, cfg.predict))
+        val_channels.append(predict_maps(result.model, item.image, cfg.predict))
         val_truth.append(item.truth_xy)
         val_diam.append(prepared[mid][1].scale.length_to_working(micrograph_diameter(by_id[mid], cfg)))
     diameter_w = float(np.median(val_diam))
@@ -304,10 +305,20 @@ def _train(micrographs, by_id, particles: Particles, cfg: PickerConfig, work_dir
         progress(ProgressEvent("select", message=why))
     finders = ("nms", "trackpy", "morphology") if cfg.centres.finder == "auto" else (cfg.centres.finder,)
     options = _centre_options(cfg, diameter_w)
-    selection = select_finder(val_maps, val_truth, diameter_w, finders=finders,
-                              match_radius_px=cfg.centres.match_radius * diameter_w,
-                              objective=cfg.centres.threshold_objective, params=cfg.centres.params or None,
-                              **options)
+    names = ["segmentation", "centre"][: cfg.output_channels()]
+    tried = names if cfg.centres.map == "auto" else [cfg.centres.map]
+    selection, chosen = None, None
+    for name in tried:  # the finder, its settings and threshold on each candidate map; the best map wins
+        sel = select_finder([c[names.index(name)] for c in val_channels], val_truth, diameter_w, finders=finders,
+                            match_radius_px=cfg.centres.match_radius * diameter_w,
+                            objective=cfg.centres.threshold_objective, params=cfg.centres.params or None, **options)
+        if len(tried) > 1:
+            progress(ProgressEvent("select", message=f"{name} map: {sel.finder}, validation score "
+                                                     f"{sel.best.score:.3f}"))
+        if selection is None or sel.best.score > selection.best.score:
+            selection, chosen = sel, name
+    cfg = cfg.updated({"centres.map": chosen})
+    val_maps = [c[names.index(chosen)] for c in val_channels]
     threshold = cfg.centres.threshold if cfg.centres.threshold is not None else selection.threshold
     from .centres.postprocess import pick_centres
 
@@ -325,7 +336,7 @@ def _train(micrographs, by_id, particles: Particles, cfg: PickerConfig, work_dir
     validation = {"micrographs": [by_id[m].name for m in val], "picking": vm.as_dict(),
                   "best_epoch": result.best_epoch, "best_metric": result.best_metric,
                   "train_micrographs": [by_id[m].name for m in train]}
-    progress(ProgressEvent("select", message=f"finder {selection.finder} {selection.params}, threshold "
+    progress(ProgressEvent("select", message=f"{chosen} map, finder {selection.finder} {selection.params}, threshold "
                                              f"{threshold:.3g}: validation precision {vm.precision:.3f} recall "
                                              f"{vm.recall:.3f} F1 {vm.f1:.3f}"))
     diameters_px = [micrograph_diameter(by_id[m], cfg) for m in train]
@@ -349,6 +360,11 @@ def _train(micrographs, by_id, particles: Particles, cfg: PickerConfig, work_dir
 
 
 # -- picking --------------------------------------------------------------------------------------------------------
+
+def map_channel(cfg: PickerConfig) -> int:
+    """The network output channel centres are found on (``centres.map``; ``auto`` not yet resolved: the last)."""
+    return {"segmentation": 0, "centre": 1}.get(cfg.centres.map, cfg.output_channels() - 1)
+
 
 def _centre_options(cfg: PickerConfig, diameter_w: float) -> dict:
     """Edge rule and de-duplication at the working scale, the same for selection and picking."""
@@ -471,7 +487,8 @@ def pick(
     plots: list[Path] = list(picker.plots)
     overlays = 0
     loader = MicrographLoader(cfg)
-    for i, (mic, wi, prob) in enumerate(predict_many(picker.model, todo, loader, cfg.predict)):
+    for i, (mic, wi, prob) in enumerate(predict_many(picker.model, todo, loader, cfg.predict,
+                                                     channel=map_channel(cfg))):
         diameter = micrograph_diameter(mic, cfg)
         picks = pick_micrograph(prob, wi, mic, diameter, cfg, picker.finder, picker.params, picker.threshold)
         if cfg.predict.save_maps:
@@ -540,11 +557,12 @@ def _picking_config(saved: PickerConfig, given: PickerConfig, info: dict) -> Pic
     prediction settings, centre-finding overrides and particle size (when given)."""
     cfg = PickerConfig.from_dict(saved.to_dict())
     cfg.predict = given.predict
-    cfg.centres = given.centres if (given.centres.finder != "auto" or given.centres.params
-                                    or given.centres.threshold is not None) else saved.centres
-    if given.centres.edge != "auto":  # else the rule chosen at training (models from before it: drop)
-        cfg.centres.edge = given.centres.edge
-    elif cfg.centres.edge == "auto":
+    cfg.centres = dataclasses.replace(given.centres) if (given.centres.finder != "auto" or given.centres.params
+                                                         or given.centres.threshold is not None) else saved.centres
+    # the map and edge rule chosen at training stay unless given (models from before the edge rule: drop)
+    cfg.centres.map = given.centres.map if given.centres.map != "auto" else saved.centres.map
+    cfg.centres.edge = given.centres.edge if given.centres.edge != "auto" else saved.centres.edge
+    if cfg.centres.edge == "auto":
         cfg.centres.edge = "drop"
     cfg.centres.box_fraction = given.centres.box_fraction
     cfg.train.device, cfg.train.threads = given.train.device, given.train.threads

@@ -66,12 +66,12 @@ def autocast_context(device: torch.device, bf16: bool):
     return torch.autocast(device.type, dtype=torch.bfloat16)
 
 
-def predict_map(model: nn.Module, image: np.ndarray, cfg: PredictConfig, device: torch.device | None = None
-                ) -> np.ndarray:
-    """The map centres are found on (float32 (H, W) in [0, 1]) of a normalised working-scale micrograph: the
-    centre channel of a two-channel network, else the segmentation probability."""
+def predict_map(model: nn.Module, image: np.ndarray, cfg: PredictConfig, device: torch.device | None = None,
+                channel: int | None = None) -> np.ndarray:
+    """One output channel's probabilities (float32 (H, W) in [0, 1]) of a normalised working-scale micrograph:
+    ``channel`` (0 = segmentation, 1 = centre), by default the last one (the centre channel when there is one)."""
     maps = predict_maps(model, image, cfg, device)
-    return maps[-1]
+    return maps[-1 if channel is None else channel]
 
 
 def predict_maps(model: nn.Module, image: np.ndarray, cfg: PredictConfig, device: torch.device | None = None
@@ -161,7 +161,8 @@ def _as_is(x):
 
 
 def predict_many(model: nn.Module, items: Iterable[T], load: Callable[[T], WorkingImage], cfg: PredictConfig,
-                 device: torch.device | None = None) -> Iterator[tuple[T, WorkingImage, np.ndarray]]:
+                 device: torch.device | None = None, channel: int | None = None
+                 ) -> Iterator[tuple[T, WorkingImage, np.ndarray]]:
     """Predict each item in order, yielding ``(item, working_image, probability_map)``.
 
     ``load(item)`` reads and preprocesses one micrograph; with ``cfg.workers > 0`` it runs in that many DataLoader
@@ -188,7 +189,7 @@ def predict_many(model: nn.Module, items: Iterable[T], load: Callable[[T], Worki
         for index, working, error in iterator:
             if error is not None:
                 raise error
-            yield items[index], working, predict_map(model, working.image, cfg, device)
+            yield items[index], working, predict_map(model, working.image, cfg, device, channel)
     finally:
         torch.set_num_threads(threads)
         del iterator

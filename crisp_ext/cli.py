@@ -21,10 +21,17 @@ EXIT_INPUT = 2
 EXIT_INTERRUPTED = 130
 
 
+class OneLineParser(argparse.ArgumentParser):
+    """argparse with the house's error form: one line naming the option, exit 2 (no usage block)."""
+
+    def error(self, message: str):
+        self.exit(EXIT_INPUT, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
     from .commands import COMMANDS
 
-    parser = argparse.ArgumentParser(prog="crisp-ext", description=(
+    parser = OneLineParser(prog="crisp-ext", description=(
         "CRISP particle picking: a segmentation network (+ optional CRF) trained on a few curated micrographs, "
         "then centre finding on every micrograph."))
     parser.add_argument("--version", action="version", version=f"crisp-ext {__version__}")

@@ -8,6 +8,7 @@ import contextlib
 import errno
 import os
 import tempfile
+import threading
 import time
 from pathlib import Path
 from typing import Iterator
@@ -51,31 +52,49 @@ def remove_leftovers(path: str | Path) -> list[Path]:
     return removed
 
 
+_HELD: set[str] = set()  # lock files this process holds (POSIX locks do not conflict within one process)
+_HELD_GUARD = threading.Lock()
+
+
 @contextlib.contextmanager
 def output_lock(path: str | Path, *, wait: bool = False, option: str = "--out",
-                poll_s: float = 0.5) -> Iterator[Path]:
+                poll_s: float = 0.2) -> Iterator[Path]:
     """Hold ``path``'s lock for the duration; another run holding it is an :class:`InputError` (or, with
-    ``wait``, waited for). The lock file stays; the lock itself ends with this process."""
+    ``wait``, waited for). A POSIX record lock: it belongs to this process alone (worker processes it forks do not
+    keep it alive after it is killed) and ends with it. The lock file stays."""
     import fcntl
 
     lock = Path(path) / LOCK_NAME
+    key = str(lock.resolve())
     fh = open(lock, "a+")
+    locked = False
     try:
         while True:
-            try:
-                fcntl.flock(fh.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+            with _HELD_GUARD:
+                if key not in _HELD:
+                    try:
+                        fcntl.lockf(fh.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+                        _HELD.add(key)
+                        locked = True
+                    except OSError:
+                        pass
+            if locked:
                 break
-            except OSError:
-                if not wait:
-                    fh.seek(0)
-                    holder = fh.read().strip() or "another process"
-                    raise InputError(f"{option} {path} is in use by another crisp-ext run ({holder}); wait for it to "
-                                     f"finish, give another folder, or add --wait") from None
-                time.sleep(poll_s)
+            if not wait:
+                fh.seek(0)
+                holder = fh.read().strip() or "another process"
+                raise InputError(f"{option} {path} is in use by another crisp-ext run ({holder}); wait for it to "
+                                 f"finish, give another folder, or add --wait")
+            time.sleep(poll_s)
         fh.seek(0)
         fh.truncate()
         fh.write(f"pid {os.getpid()} since {time.strftime('%Y-%m-%d %H:%M:%S')}\n")
         fh.flush()
         yield lock
     finally:
+        if locked:
+            with _HELD_GUARD:
+                _HELD.discard(key)
+            with contextlib.suppress(OSError):
+                fcntl.lockf(fh.fileno(), fcntl.LOCK_UN)
         fh.close()

@@ -19,7 +19,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import test_cli as tc
-from test_cli import CURATED, NAMES, common, project, snapshot, temp_files, trained  # noqa: F401 (fixtures)
+from test_cli import NAMES, common, project, snapshot, temp_files, trained  # noqa: F401 (fixtures)
 
 from crisp_ext.cli import main
 from crisp_ext.io.coords import read_coordinates, write_coordinates

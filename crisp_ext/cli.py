@@ -7,7 +7,8 @@ are pixels of the micrograph, x = column, y = row, origin at the first array ele
 written y-up, e.g. CryoPPP STAR converted without ``--inverty``). With ``--mask``/``--map`` and a particles STAR
 with angles, training labels are the 3D mask's projections at each particle's pose instead of disks.
 
-Exit codes: 0 done, 2 bad input (one line naming the file or option), 130 interrupted (run again to resume).
+Exit codes: 0 done, 1 failed (e.g. the Dask scheduler was lost; one line), 2 bad input (one line naming the file or
+option), 130 interrupted (run again to resume).
 """
 
 from __future__ import annotations
@@ -44,7 +45,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv=None) -> int:
     from .commands import COMMANDS
     from .commands.common import say
-    from .errors import Aborted, InputError
+    from .errors import Aborted, InputError, RunFailed
 
     parser = build_parser()
     args = parser.parse_args(argv)
@@ -58,6 +59,9 @@ def main(argv=None) -> int:
     except InputError as exc:  # ConfigError included
         say(args, f"crisp-ext: error: {exc}", sys.stderr)
         return EXIT_INPUT
+    except RunFailed as exc:
+        say(args, f"crisp-ext: failed: {exc}", sys.stderr)
+        return 1
     except Aborted as exc:
         say(args, f"crisp-ext: aborted: {exc}", sys.stderr)
         return EXIT_INTERRUPTED

@@ -7,3 +7,8 @@ class InputError(ValueError):
 
 class Aborted(RuntimeError):
     """The caller asked the pipeline to stop (e.g. RELION_JOB_ABORT_NOW)."""
+
+
+class RunFailed(RuntimeError):
+    """The run could not finish for a reason outside the input (a lost Dask scheduler, workers that kept dying);
+    the message is one line naming what failed."""

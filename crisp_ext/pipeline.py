@@ -464,8 +464,10 @@ def pick(
     map_path: Callable[[Micrograph], Path] | None = None,
     should_abort: Callable[[], bool] | None = None,
     progress: ProgressCallback | None = None,
+    placement=None,
 ) -> PipelineResult:
-    """Pick every micrograph not skipped with a prepared picker."""
+    """Pick every micrograph not skipped with a prepared picker: in this process, or on Dask workers
+    (``placement``, see :mod:`crisp_ext.distributed`)."""
     from .predict import predict_many
     from .train import configure_threads
 
@@ -487,26 +489,40 @@ def pick(
     plots: list[Path] = list(picker.plots)
     overlays = 0
     loader = MicrographLoader(cfg)
-    for i, (mic, wi, prob) in enumerate(predict_many(picker.model, todo, loader, cfg.predict,
-                                                     channel=map_channel(cfg))):
-        diameter = micrograph_diameter(mic, cfg)
-        picks = pick_micrograph(prob, wi, mic, diameter, cfg, picker.finder, picker.params, picker.threshold)
-        if cfg.predict.save_maps:
-            from .io.mrc import write_mrc
 
-            target = map_path(mic) if map_path else work_dir / "maps" / f"{mic.name}_probability.mrc"
-            write_mrc(target, prob.astype(np.float32),
-                      pixel_size=(wi.pixel_size / wi.scale.factor) if wi.pixel_size else None)
+    def done(i: int, mic: Micrograph, picks: Particles, wi: WorkingImage | None, where: str = "") -> None:
+        nonlocal overlays
         if overlays < 3:
-            plots.append(_overlay(work_dir, mic, wi, picks, diameter))
+            plots.append(_overlay(work_dir, mic, wi or loader(mic), picks, micrograph_diameter(mic, cfg)))
             overlays += 1
         if on_picked:
             on_picked(mic, picks)
         all_picks.append(picks)
         counts[mic.id] = len(picks)
-        progress(ProgressEvent("pick", i + 1, len(todo), f"{mic.name}: {len(picks)} picks"))
+        progress(ProgressEvent("pick", i + 1, len(todo), f"{mic.name}: {len(picks)} picks{where}"))
         if should_abort():
             raise Aborted(f"aborted after {i + 1} of {len(todo)} micrographs")
+
+    if placement is not None and todo:
+        from .distributed import pick_distributed
+
+        stream = pick_distributed(picker, todo, placement, map_path=lambda m: map_path(m) if map_path else
+                                  work_dir / "maps" / f"{m.name}_probability.mrc", should_abort=should_abort,
+                                  say=lambda text: progress(ProgressEvent("pick", message=text)))
+        for i, (mic, xy, score, worker) in enumerate(stream):
+            done(i, mic, Particles.for_one(mic.id, xy, score), None, f" (worker {worker})")
+    else:
+        for i, (mic, wi, prob) in enumerate(predict_many(picker.model, todo, loader, cfg.predict,
+                                                         channel=map_channel(cfg))):
+            diameter = micrograph_diameter(mic, cfg)
+            picks = pick_micrograph(prob, wi, mic, diameter, cfg, picker.finder, picker.params, picker.threshold)
+            if cfg.predict.save_maps:
+                from .io.mrc import write_mrc
+
+                target = map_path(mic) if map_path else work_dir / "maps" / f"{mic.name}_probability.mrc"
+                write_mrc(target, prob.astype(np.float32),
+                          pixel_size=(wi.pixel_size / wi.scale.factor) if wi.pixel_size else None)
+            done(i, mic, picks, wi)
     timings["pick"] = time.perf_counter() - t0
     picks = Particles.concat(all_picks) if all_picks else Particles.empty(with_score=True)
     if len(picks):
@@ -533,6 +549,7 @@ def run(
     map_path: Callable[[Micrograph], Path] | None = None,
     should_abort: Callable[[], bool] | None = None,
     progress: ProgressCallback | None = None,
+    placement=None,
 ) -> PipelineResult:
     """Check the headers of the micrographs to pick (:func:`check_micrographs`), train (or load) a picker and pick
     every micrograph: :func:`prepare_picker` then :func:`pick`.
@@ -547,7 +564,7 @@ def run(
     if on_ready:
         on_ready(picker)
     result = pick(picker, micrographs, work_dir=work_dir, skip=skip, on_picked=on_picked, map_path=map_path,
-                  should_abort=should_abort, progress=progress)
+                  should_abort=should_abort, progress=progress, placement=placement)
     result.timings["total"] = time.perf_counter() - t0
     return result
 

@@ -88,6 +88,23 @@ def build_config(args):
     return cfg.updated(overrides) if overrides else cfg
 
 
+def add_placement_options(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("where picking runs (default: this process)")
+    g.add_argument("--workers", metavar="KIND:N", help="local:N worker processes here (one per GPU when there are "
+                                                        "GPUs), or N batch jobs: slurm:N (also pbs, sge, lsf, ...)")
+    g.add_argument("--scheduler", metavar="ADDRESS|FILE", help="an existing Dask scheduler (tcp://host:8786) or its "
+                                                               "scheduler file")
+    g.add_argument("--cluster-option", action="append", default=[], metavar="KEY=VALUE",
+                   help="batch job setting for dask-jobqueue, e.g. queue=gpu, walltime=02:00:00, memory=8GiB "
+                        "(repeatable; defaults from ~/.config/dask/jobqueue.yaml)")
+
+
+def placement(args):
+    from ..distributed import parse_placement
+
+    return parse_placement(args.workers, args.scheduler, args.cluster_option)
+
+
 def add_output_options(p: argparse.ArgumentParser, help_out: str) -> None:
     p.add_argument("--out", type=Path, required=True, help=help_out)
     p.add_argument("--wait", action="store_true", help="when another crisp-ext run uses --out, wait for it to finish "

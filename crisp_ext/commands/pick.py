@@ -29,6 +29,7 @@ def add_parser(sub) -> None:
     p.add_argument("--save-maps", action="store_true", help="write probability maps (MRC) to OUT/maps")
     p.add_argument("--extract", type=int, metavar="BOX", help="also write particle stacks of BOX px (.mrcs)")
     p.add_argument("--suffix", default="crisp", help="coordinate file suffix: <micrograph>_<suffix>.star")
+    common.add_placement_options(p)
 
 
 def run(args) -> int:
@@ -60,6 +61,7 @@ def _run(args, stack) -> int:
     from ..scores import figure_of_merit
 
     cfg = common.build_config(args)
+    where = common.placement(args)
     if args.extract is not None and args.extract < 4:
         _check_box(args.extract, [])
     mics, picks = common.read_inputs(args, cfg, need_picks=args.model is None)
@@ -76,7 +78,7 @@ def _run(args, stack) -> int:
                           train_ids=train_ids, val_ids=val_ids,
                           skip=lambda m: not args.overwrite and writer.path(m).exists(),
                           on_ready=writer.ready, on_picked=writer.picked, progress=common.progress(args),
-                          map_path=lambda m: out / "maps" / f"{m.name}_probability.mrc")
+                          map_path=lambda m: out / "maps" / f"{m.name}_probability.mrc", placement=where)
 
     # Everything present (this run and earlier ones) goes into the combined STAR.
     used = result.config  # with a loaded model: its diameter and scale, unless given here

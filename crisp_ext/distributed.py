@@ -1,0 +1,313 @@
+"""Where picking runs: one process (the default), a Dask LocalCluster of worker processes (a workstation's cores, or
+one worker per GPU), a batch system through dask-jobqueue (SLURM, PBS, SGE, LSF, ...), or an existing Dask
+scheduler. Dask is the engine; there is no scheduler of our own.
+
+The flow: the driver trained or loaded the picker; its model directory goes to the workers (a shared file system,
+or shipped through Dask when a worker cannot see it); micrographs go out in small chunks; each worker loads the
+picker once and returns each micrograph's picks; the driver hands them, one micrograph at a time, to the caller's
+``on_picked`` (which writes that micrograph's output file atomically). Dask re-runs the chunks of a worker that dies
+(a chunk's picks are only used when it completes, so nothing is lost or doubled) and gives up on a chunk after its
+workers died three times (``distributed.scheduler.allowed-failures``).
+
+    --workers local:N     N worker processes here (torch threads per worker: cores // N, or --threads)
+    --workers slurm:N     N batch jobs of one worker each (also pbs:N, sge:N, lsf:N, oar:N, htcondor:N, moab:N);
+                          queue, account, walltime, memory... from the Dask jobqueue configuration file
+                          (~/.config/dask/jobqueue.yaml), overridden by --cluster-option KEY=VALUE
+    --scheduler ADDRESS   an existing scheduler (tcp://host:8786) or its scheduler file (JSON)
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import math
+import os
+import re
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Iterator, Sequence
+
+import numpy as np
+
+from .errors import Aborted, InputError, RunFailed
+
+JOBQUEUE = {"slurm": "SLURMCluster", "pbs": "PBSCluster", "sge": "SGECluster", "lsf": "LSFCluster",
+            "oar": "OARCluster", "htcondor": "HTCondorCluster", "moab": "MoabCluster"}
+
+
+@dataclass(frozen=True)
+class Placement:
+    """Where picking runs. ``kind``: ``local`` | a key of :data:`JOBQUEUE` | ``scheduler``."""
+
+    kind: str
+    workers: int = 1
+    address: str | None = None
+    options: dict[str, Any] = field(default_factory=dict)  # jobqueue cluster keyword arguments
+
+
+def parse_placement(workers: str | None, scheduler: str | None = None,
+                    options: Sequence[str] = ()) -> Placement | None:
+    """``--workers local:N|slurm:N|...`` or ``--scheduler ADDRESS|FILE`` (not both); None = one process."""
+    from .config import parse_overrides
+
+    if workers and scheduler:
+        raise InputError("give either --workers or --scheduler, not both")
+    extra = parse_overrides(options)
+    if scheduler:
+        return Placement("scheduler", address=str(scheduler).strip(), options=extra)
+    if not workers:
+        if extra:
+            raise InputError("--cluster-option needs --workers with a batch system, e.g. --workers slurm:4")
+        return None
+    m = re.fullmatch(r"\s*([a-z]+)\s*:\s*(\d+)\s*", str(workers).lower())
+    if not m or (m.group(1) != "local" and m.group(1) not in JOBQUEUE) or int(m.group(2)) < 1:
+        raise InputError(f"--workers {workers!r}: give local:N or a batch system as slurm:N (also "
+                         f"{', '.join(k for k in JOBQUEUE if k != 'slurm')}), N >= 1")
+    if m.group(1) == "local" and extra:
+        raise InputError("--cluster-option is for batch systems (--workers slurm:N), not local workers")
+    return Placement(m.group(1), int(m.group(2)), options=extra)
+
+
+def available_gpus() -> int:
+    try:
+        import torch
+
+        return torch.cuda.device_count() if torch.cuda.is_available() else 0
+    except Exception:  # noqa: BLE001 - no torch CUDA at all
+        return 0
+
+
+def threads_per_worker(placement: Placement, threads: int | None) -> int:
+    """Torch threads each worker uses: the given number, else this machine's cores shared among local workers
+    (so that together they never oversubscribe the cores), else the batch job's cores."""
+    from .train import available_cores
+
+    if threads:
+        return int(threads)
+    if placement.kind == "local":
+        return max(1, available_cores() // placement.workers)
+    if placement.kind in JOBQUEUE:
+        return max(1, int(placement.options.get("cores", 1)))
+    return 1
+
+
+@contextlib.contextmanager
+def open_client(placement: Placement, threads: int, progress=None) -> Iterator[Any]:
+    """A Dask client on the cluster ``placement`` describes, closed (and the cluster shut down) afterwards."""
+    from distributed import Client
+
+    say = progress or (lambda message: None)
+    cluster = None
+    try:
+        if placement.kind == "scheduler":
+            address = placement.address
+            if address and Path(address).is_file():
+                client = Client(scheduler_file=address, timeout="30s")
+            else:
+                client = Client(address, timeout="30s")
+            say(f"connected to the Dask scheduler {client.scheduler.address}")
+        elif placement.kind == "local":
+            cluster = _local_cluster(placement.workers, threads, say)
+            client = Client(cluster)
+        else:
+            cluster = _jobqueue_cluster(placement, threads)
+            cluster.scale(jobs=placement.workers)
+            client = Client(cluster)
+            say(f"submitted {placement.workers} {placement.kind} job(s) for Dask workers; waiting for the first")
+    except (OSError, TimeoutError) as exc:
+        if cluster is not None:
+            with contextlib.suppress(Exception):
+                cluster.close()
+        raise RunFailed(f"cannot reach the Dask scheduler ({_line(exc)}); check --scheduler / --workers") from None
+    try:
+        yield client
+    finally:
+        with contextlib.suppress(Exception):
+            client.close()
+        if cluster is not None:
+            with contextlib.suppress(Exception):
+                cluster.close()
+
+
+def _local_cluster(n: int, threads: int, say):
+    from distributed import LocalCluster, Nanny, SpecCluster
+
+    gpus = available_gpus()
+    env = {"OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads)}
+    if gpus:  # one worker per GPU, each pinned to its own device
+        n = min(n, gpus)
+        say(f"{n} local Dask worker(s), one per GPU")
+        from distributed import Scheduler
+
+        workers = {f"gpu{i}": {"cls": Nanny, "options": {"nthreads": 1, "env": {**env, "CUDA_VISIBLE_DEVICES": str(i)},
+                                                          "name": f"gpu{i}"}} for i in range(n)}
+        return SpecCluster(workers=workers, scheduler={"cls": Scheduler, "options": {"dashboard_address": None}})
+    say(f"{n} local Dask worker process(es), {threads} torch thread(s) each")
+    return LocalCluster(n_workers=n, threads_per_worker=1, processes=True, dashboard_address=None,
+                        env=env, silence_logs=40)
+
+
+def _jobqueue_cluster(placement: Placement, threads: int):
+    import sys
+
+    import dask
+    import dask_jobqueue
+
+    cls = getattr(dask_jobqueue, JOBQUEUE[placement.kind])
+    conf = dask.config.get(f"jobqueue.{placement.kind}", default={}) or {}
+    kwargs: dict[str, Any] = {"processes": 1, "python": sys.executable}
+    if not conf.get("cores"):
+        kwargs["cores"] = threads
+    if not conf.get("memory"):
+        kwargs["memory"] = "4GiB"
+    kwargs.update(placement.options)
+    kwargs.setdefault("job_script_prologue", []).append(f"export OMP_NUM_THREADS={threads}")
+    try:
+        return cls(**kwargs)
+    except (TypeError, ValueError) as exc:
+        raise InputError(f"--workers {placement.kind}:{placement.workers}: {_line(exc)} (see the Dask jobqueue "
+                         f"configuration and --cluster-option)") from None
+
+
+def _line(exc: BaseException) -> str:
+    text = str(exc).strip().splitlines()
+    return text[0][:300] if text else exc.__class__.__name__
+
+
+# -- the workers' side ---------------------------------------------------------------------------------------------
+
+_PICKERS: dict[str, Any] = {}  # per worker process: model key -> (model, device)
+
+
+def _worker_model(model_ref: tuple, threads: int):
+    """The picker's network in this worker, loaded once (from the shared path, or from the shipped bytes)."""
+    kind, value, key = model_ref
+    if key in _PICKERS:
+        return _PICKERS[key]
+    import torch
+
+    from .model_dir import load_model_dir
+
+    torch.set_num_threads(max(1, int(threads)))
+    if kind == "bytes":
+        import tempfile
+
+        folder = Path(tempfile.gettempdir()) / f"crisp-ext-model-{key}"
+        folder.mkdir(parents=True, exist_ok=True)
+        for name, data in value.items():
+            if not (folder / name).is_file():
+                tmp = folder / f".{name}.{os.getpid()}"
+                tmp.write_bytes(data)
+                os.replace(tmp, folder / name)
+        path = folder
+    else:
+        path = Path(value)
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    loaded = load_model_dir(path, device=device)
+    _PICKERS[key] = (loaded.model, device)
+    return _PICKERS[key]
+
+
+def pick_chunk(model_ref: tuple, cfg_dict: dict, finder: str, params: dict, threshold: float, mics: list,
+               threads: int, maps: list | None) -> list[tuple]:
+    """Pick ``mics`` in a worker: ``[(micrograph id, xy, score, worker name, seconds), ...]``. An error names the
+    micrograph it happened on."""
+    from .config import PickerConfig
+    from .pipeline import MicrographLoader, map_channel, micrograph_diameter, pick_micrograph
+    from .predict import predict_map
+
+    model, device = _worker_model(model_ref, threads)
+    cfg = PickerConfig.from_dict(cfg_dict)
+    loader = MicrographLoader(cfg)
+    name = _worker_name()
+    out = []
+    for i, mic in enumerate(mics):
+        t0 = time.perf_counter()
+        try:
+            wi = loader(mic)
+            prob = predict_map(model, wi.image, cfg.predict, device, map_channel(cfg))
+            picks = pick_micrograph(prob, wi, mic, micrograph_diameter(mic, cfg), cfg, finder, params, threshold)
+            if maps and maps[i]:
+                from .io.mrc import write_mrc
+
+                write_mrc(maps[i], prob.astype(np.float32),
+                          pixel_size=(wi.pixel_size / wi.scale.factor) if wi.pixel_size else None)
+        except InputError as exc:
+            raise InputError(f"{mic.path}: {exc}" if str(mic.path) not in str(exc) else str(exc)) from None
+        except Exception as exc:  # noqa: BLE001 - reported by name in the driver
+            raise RunFailed(f"{mic.path}: picking failed on worker {name}: {type(exc).__name__}: {_line(exc)}"
+                            ) from None
+        out.append((mic.id, picks.xy, picks.score, name, time.perf_counter() - t0))
+    return out
+
+
+def _worker_name() -> str:
+    try:
+        from distributed import get_worker
+
+        return str(get_worker().name)
+    except (ImportError, ValueError):
+        return f"pid{os.getpid()}"
+
+
+# -- the driver's side ---------------------------------------------------------------------------------------------
+
+def _model_ref(client, model_dir: Path, say) -> tuple:
+    """How workers get the model: its path when every worker sees it, else its files shipped through Dask."""
+    weights = str(Path(model_dir).resolve() / "weights.pt")
+    key = hashlib.sha256((str(Path(model_dir).resolve()) + str(os.path.getmtime(weights))).encode()).hexdigest()[:16]
+    seen = client.run(os.path.isfile, weights)
+    if seen and all(seen.values()):
+        return ("path", str(Path(model_dir).resolve()), key)
+    say(f"{sum(not v for v in seen.values())} worker(s) cannot see {model_dir}: shipping the model through Dask")
+    files = {name: (Path(model_dir) / name).read_bytes() for name in ("model.json", "config.toml", "weights.pt")}
+    return ("bytes", files, key)
+
+
+def pick_distributed(picker, todo: Sequence, placement: Placement, *, map_path: Callable | None,
+                     should_abort: Callable[[], bool], say: Callable[[str], None]
+                     ) -> Iterator[tuple[Any, np.ndarray, np.ndarray, str]]:
+    """Yield ``(micrograph, xy, score, worker name)`` for every micrograph of ``todo`` as chunks complete."""
+    from distributed import as_completed
+    from distributed.client import FutureCancelledError
+
+    cfg = picker.config
+    threads = threads_per_worker(placement, cfg.train.threads)
+    by_id = {m.id: m for m in todo}
+    with open_client(placement, threads, say) as client:
+        if placement.kind in JOBQUEUE or placement.kind == "scheduler":
+            with contextlib.suppress(TimeoutError, OSError):
+                client.wait_for_workers(1, timeout=600)
+        n_workers = max(1, len(client.scheduler_info(n_workers=-1).get("workers", {})) or placement.workers)
+        model_ref = _model_ref(client, picker.model_dir, say)
+        if model_ref[0] == "bytes":
+            model_ref = (model_ref[0], client.scatter(model_ref[1], broadcast=True), model_ref[2])
+        size = max(1, min(8, math.ceil(len(todo) / (4 * n_workers))))
+        chunks = [list(todo[i:i + size]) for i in range(0, len(todo), size)]
+        cfg_dict = cfg.to_dict()
+        futures = [client.submit(pick_chunk, model_ref, cfg_dict, picker.finder, picker.params, picker.threshold,
+                                 chunk, threads, [str(map_path(m)) if map_path else None for m in chunk]
+                                 if cfg.predict.save_maps else None, pure=False, key=f"crisp-pick-{k}")
+                   for k, chunk in enumerate(chunks)]
+        say(f"picking {len(todo)} micrograph(s) in {len(chunks)} chunk(s) of up to {size} on {n_workers} worker(s)")
+        pending = as_completed(futures, with_results=False)
+        try:
+            for future in pending:
+                if should_abort():
+                    raise Aborted("aborted while picking on the Dask workers")
+                try:
+                    rows = future.result()
+                except (InputError, RunFailed):
+                    raise
+                except FutureCancelledError:
+                    raise RunFailed("the Dask scheduler cancelled the picking (lost scheduler?)") from None
+                except Exception as exc:  # KilledWorker, lost scheduler, communication errors
+                    raise RunFailed(f"picking on Dask failed: {type(exc).__name__}: {_line(exc)}") from None
+                for mid, xy, score, worker, _ in rows:
+                    yield by_id[mid], xy, score, worker
+        finally:
+            for f in futures:
+                f.release()
+            with contextlib.suppress(Exception):
+                client.cancel(futures)

@@ -1,0 +1,243 @@
+"""Picking on Dask: a LocalCluster gives exactly the single-process picks, a worker killed mid-run loses no
+micrograph and doubles none, and a real single-node SLURM cluster (Debian's slurm-wlm + munge, started here as root)
+runs the workers as batch jobs, surviving a cancelled job."""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import json
+import os
+import shutil
+import signal
+import subprocess
+import threading
+import time
+from pathlib import Path
+
+import pytest
+from test_cli import NAMES, common, project, trained  # noqa: F401 (fixtures)
+
+from crisp_ext.cli import main
+from crisp_ext.errors import InputError
+from crisp_ext.io.coords import read_coordinates
+
+pytestmark = pytest.mark.usefixtures("keep_torch_threads")
+
+
+def run_cli(argv) -> tuple[int, str, str]:
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        rc = main([str(a) for a in argv])
+    return rc, out.getvalue(), err.getvalue()
+
+
+def coordinates(folder: Path) -> dict:
+    return {p.name: read_coordinates(p).xy.tolist() for p in sorted(folder.glob("*.star"))}
+
+
+@pytest.fixture(scope="module")
+def single(project, trained, tmp_path_factory):
+    out = tmp_path_factory.mktemp("single")
+    rc, _, stderr = run_cli(["pick", "--mics", project.mics, "--model", trained.model, "--out", out,
+                             *common(project)])
+    assert rc == 0, stderr
+    return out
+
+
+def test_placement_parsing():
+    from crisp_ext.distributed import parse_placement
+
+    assert parse_placement(None) is None
+    assert parse_placement("local:3").workers == 3
+    p = parse_placement("slurm:2", options=["queue=short", "walltime=00:10:00"])
+    assert p.kind == "slurm" and p.options == {"queue": "short", "walltime": "00:10:00"}
+    assert parse_placement(None, "tcp://127.0.0.1:8786").address == "tcp://127.0.0.1:8786"
+    for bad in ("local", "local:0", "cloud:4", "slurm:x"):
+        with pytest.raises(InputError, match="--workers"):
+            parse_placement(bad)
+    with pytest.raises(InputError, match="not both"):
+        parse_placement("local:2", "tcp://x:1")
+
+
+def test_two_local_workers_give_the_single_process_picks(project, trained, single, tmp_path):
+    out = tmp_path / "dask"
+    rc, stdout, stderr = run_cli(["pick", "--mics", project.mics, "--model", trained.model, "--out", out,
+                                  *common(project), "--workers", "local:2"])
+    assert rc == 0, stderr
+    assert "2 local Dask worker process(es), 1 torch thread(s) each" in stdout and "(worker " in stdout
+    assert coordinates(out / "coordinates") == coordinates(single / "coordinates")
+    assert (out / "particles.star").read_text() == (single / "particles.star").read_text()
+
+
+def _worker_pids() -> list[int]:
+    import psutil
+
+    return [c.pid for c in psutil.Process().children(recursive=True)
+            if "multiprocessing" in " ".join(c.cmdline()) and "resource_tracker" not in " ".join(c.cmdline())]
+
+
+def test_a_worker_killed_mid_run_loses_nothing_and_doubles_nothing(project, trained, single, tmp_path):
+    from crisp_ext.config import load_config
+    from crisp_ext.distributed import parse_placement
+    from crisp_ext.io.inputs import find_micrographs
+    from crisp_ext.pipeline import prepare_picker, pick
+
+    mics = find_micrographs(project.mics)
+    cfg = load_config(project.config).updated({"train.threads": 1, "train.epochs": 2})  # as common(project)
+    picker = prepare_picker(mics, cfg, work_dir=tmp_path, model_dir=trained.model)
+    seen: list[str] = []
+    killed: list[int] = []
+
+    def on_picked(mic, picks):
+        seen.append(mic.id)
+        if not killed:  # the first result is in: kill a worker while the others still have chunks to do
+            pids = _worker_pids()
+            assert pids
+            os.kill(pids[-1], signal.SIGKILL)
+            killed.append(pids[-1])
+
+    result = pick(picker, mics, work_dir=tmp_path, on_picked=on_picked, placement=parse_placement("local:2"))
+    assert killed and sorted(seen) == sorted(m.id for m in mics)  # every micrograph exactly once
+    assert sorted(result.counts) == sorted(seen)
+    single_counts = {p.name.removesuffix("_crisp.star"): len(read_coordinates(p))
+                     for p in (single / "coordinates").glob("*.star")}
+    assert {m.name: result.counts[m.id] for m in mics} == single_counts
+    assert not [f for f in tmp_path.rglob("*") if ".tmp" in f.name]
+
+
+def test_a_lost_scheduler_is_one_line(project, trained, tmp_path):
+    rc, _, stderr = run_cli(["pick", "--mics", project.mics, "--model", trained.model, "--out", tmp_path / "o",
+                             *common(project), "--scheduler", "tcp://127.0.0.1:9"])
+    lines = stderr.strip().splitlines()
+    assert rc == 1 and len(lines) == 1 and lines[0].startswith("crisp-ext: failed:") and "scheduler" in lines[0]
+
+
+# -- a real SLURM cluster ------------------------------------------------------------------------------------------
+
+SLURM_CONF = """\
+ClusterName=crisptest
+SlurmctldHost=localhost
+SlurmUser=root
+SlurmdUser=root
+AuthType=auth/munge
+StateSaveLocation={state}/ctld
+SlurmdSpoolDir={state}/d
+SlurmctldPidFile={state}/slurmctld.pid
+SlurmdPidFile={state}/slurmd.pid
+SlurmctldPort=16817
+SlurmdPort=16818
+ProctrackType=proctrack/linuxproc
+TaskPlugin=task/none
+SchedulerType=sched/backfill
+SelectType=select/cons_tres
+SelectTypeParameters=CR_Core
+ReturnToService=2
+MpiDefault=none
+JobCompType=jobcomp/none
+AccountingStorageType=accounting_storage/none
+SlurmctldTimeout=30
+SlurmdTimeout=30
+InactiveLimit=0
+KillWait=5
+NodeName=localhost CPUs={cpus} RealMemory={mem} State=UNKNOWN
+PartitionName=debug Nodes=localhost Default=YES MaxTime=INFINITE State=UP OverSubscribe=YES
+"""
+
+
+def _have_slurm() -> bool:
+    return (os.geteuid() == 0 and all(shutil.which(t) for t in ("slurmctld", "slurmd", "munged", "sbatch", "scancel"))
+            and Path("/etc/munge/munge.key").is_file())
+
+
+@pytest.fixture(scope="module")
+def slurm(tmp_path_factory):
+    """slurmctld + slurmd (+ munged when none runs) on this machine, stopped by their own PIDs afterwards."""
+    if not _have_slurm():
+        pytest.skip("needs root and Debian's slurm-wlm and munge (.ci/run installs them)")
+    state = tmp_path_factory.mktemp("slurm")
+    for sub in ("ctld", "d", "munge"):
+        (state / sub).mkdir()
+    conf = state / "slurm.conf"
+    mem = int(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2 ** 20 * 0.8)
+    conf.write_text(SLURM_CONF.format(state=state, cpus=os.cpu_count(), mem=mem))
+    env = {**os.environ, "SLURM_CONF": str(conf)}
+    procs = []
+    socket = state / "munge" / "munge.socket"
+    munged = subprocess.Popen(["munged", "--foreground", "--force", f"--socket={socket}",
+                               f"--pid-file={state / 'munge' / 'munged.pid'}", f"--log-file={state / 'munge.log'}",
+                               f"--seed-file={state / 'munge' / 'seed'}"], stdout=subprocess.DEVNULL,
+                              stderr=subprocess.DEVNULL)
+    procs.append(munged)
+    for _ in range(100):
+        if socket.exists():
+            break
+        time.sleep(0.05)
+    # slurm's auth/munge plugin finds this munged through the socket named in slurm.conf
+    conf.write_text(conf.read_text() + f"AuthInfo=socket={socket}\n")
+    for daemon in (["slurmctld", "-D", "-f", str(conf)], ["slurmd", "-D", "-f", str(conf)]):
+        procs.append(subprocess.Popen(daemon, env=env, stdout=open(state / f"{daemon[0]}.log", "w"),
+                                      stderr=subprocess.STDOUT))
+    deadline = time.time() + 60
+    while time.time() < deadline:
+        out = subprocess.run(["sinfo", "-h", "-o", "%t"], env=env, capture_output=True, text=True)
+        if out.returncode == 0 and out.stdout.strip() in ("idle", "mix", "alloc"):
+            break
+        time.sleep(0.5)
+    else:
+        for p in procs:
+            p.kill()
+        pytest.fail("SLURM did not come up: " + (state / "slurmctld.log").read_text()[-2000:])
+    old = os.environ.get("SLURM_CONF")
+    os.environ["SLURM_CONF"] = str(conf)
+    try:
+        yield env
+    finally:
+        subprocess.run(["scancel", "--user", "root"], env=env, capture_output=True)
+        for p in reversed(procs):
+            p.send_signal(signal.SIGTERM)
+        for p in reversed(procs):
+            try:
+                p.wait(15)
+            except subprocess.TimeoutExpired:
+                p.kill()
+        if old is None:
+            os.environ.pop("SLURM_CONF", None)
+        else:
+            os.environ["SLURM_CONF"] = old
+
+
+def _jobs(env) -> list[str]:
+    out = subprocess.run(["squeue", "-h", "-o", "%i %t"], env=env, capture_output=True, text=True)
+    return [line.split()[0] for line in out.stdout.splitlines() if line.split()[1] in ("R", "CF")]
+
+
+@pytest.mark.slow
+def test_slurm_workers_give_the_single_process_picks_and_survive_a_cancelled_job(project, trained, single, slurm,
+                                                                                 tmp_path):
+    out = tmp_path / "slurm"
+    argv = ["pick", "--mics", project.mics, "--model", trained.model, "--out", out, *common(project),
+            "--workers", "slurm:2", "--cluster-option", "walltime=00:10:00", "--cluster-option",
+            f"log_directory={tmp_path / 'logs'}", "--cluster-option", "memory=2GiB",
+            "--cluster-option", "cores=1"]
+    cancelled: list[str] = []
+
+    def cancel_one():  # as soon as two worker jobs run, cancel one of them (SLURM kills its worker)
+        deadline = time.time() + 180
+        while time.time() < deadline and not cancelled:
+            jobs = _jobs(slurm)
+            if len(jobs) >= 2 or (jobs and list((out / "coordinates").glob("*.star"))):
+                subprocess.run(["scancel", jobs[-1]], env=slurm, capture_output=True)
+                cancelled.append(jobs[-1])
+            time.sleep(0.2)
+
+    killer = threading.Thread(target=cancel_one)
+    killer.start()
+    rc, stdout, stderr = run_cli(argv)
+    killer.join()
+    assert rc == 0, stderr + stdout
+    assert cancelled, "no SLURM job ran"
+    assert "submitted 2 slurm job(s)" in stdout
+    assert coordinates(out / "coordinates") == coordinates(single / "coordinates")
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["micrographs_picked"] == len(NAMES) and sorted(summary["counts"]) == NAMES

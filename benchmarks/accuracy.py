@@ -54,8 +54,9 @@ CANDIDATES: dict[str, dict] = {
     "centre_disk05": {"labels.centre_weight": 1.0, "labels.disk_fraction": 0.5},
     "tta8": {"predict.tta": 8},
     "lite0": {"model.encoder": "tu-efficientnet_lite0", "model.encoder_weights": "packaged"},
-    "centre_lite0": {"labels.centre_weight": 1.0, "model.encoder": "tu-efficientnet_lite0",
-                     "model.encoder_weights": "packaged"},
+    "centre_lite0": {"labels.centre_weight": 1.0, "centres.map": "auto", "centres.edge": "auto",
+                     "model.encoder": "tu-efficientnet_lite0", "model.encoder_weights": "packaged"},
+    "centre_tta2": {"labels.centre_weight": 1.0, "centres.map": "auto", "centres.edge": "auto", "predict.tta": 2},
 }
 
 

@@ -59,6 +59,13 @@ def _add_picker_options(p: argparse.ArgumentParser) -> None:
     g.add_argument("--work-dir", type=Path, help="model, plots and downloads (live default: ./crisp-cryosparc/<P>; "
                                                  "offline default: OUT/work)")
     g.add_argument("--quiet", action="store_true", help="plain log lines instead of progress bars")
+    g = p.add_argument_group("where picking runs (default: this process; cryoSPARC cannot queue External jobs, so "
+                             "this script reaches the cluster itself)")
+    g.add_argument("--workers", metavar="KIND:N", help="local:N worker processes here, or slurm:N batch jobs (also "
+                                                        "pbs, sge, lsf, ...) through dask-jobqueue")
+    g.add_argument("--scheduler", metavar="ADDRESS|FILE", help="an existing Dask scheduler or its scheduler file")
+    g.add_argument("--cluster-option", action="append", default=[], metavar="KEY=VALUE",
+                   help="batch job setting for dask-jobqueue, e.g. queue=gpu (repeatable)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -159,6 +166,12 @@ def _password(args) -> str | None:
     return None
 
 
+def _placement(args):
+    from crisp_ext.distributed import parse_placement
+
+    return parse_placement(args.workers, args.scheduler, args.cluster_option)
+
+
 def _live(args) -> int:
     from crisp_ext.errors import Aborted, InputError
 
@@ -170,7 +183,8 @@ def _live(args) -> int:
         run = run_live(args.url, args.project, args.workspace, particles=args.particles, exposures=args.exposures,
                        config=cfg, email=args.email, password=_password(args), model_dir=args.model,
                        title=args.title or DEFAULT_TITLE, path_map=args.path_map, download=args.download,
-                       work_dir=args.work_dir, progress=_progress(args), mask=args.mask, volume=args.volume)
+                       work_dir=args.work_dir, progress=_progress(args), mask=args.mask, volume=args.volume,
+                       placement=_placement(args))
     except JobFailed as exc:
         _error(f"{exc} (the traceback is in the job's event log)")
         return EXIT_FAILED
@@ -189,7 +203,7 @@ def _offline(args) -> int:
 
     run = pick_offline(args.project_dir, args.exposures, args.out, particles=args.particles, config=_config(args),
                        model_dir=args.model, path_map=args.path_map, name=args.name, work_dir=args.work_dir,
-                       progress=_progress(args), mask=args.mask, volume=args.volume)
+                       progress=_progress(args), mask=args.mask, volume=args.volume, placement=_placement(args))
     print(f"wrote {len(run.particles)} particles to {run.cs_path} and {run.csg_path}; import {run.csg_path.name} "
           f"with Import Result Group", flush=True)
     return 0

@@ -108,7 +108,7 @@ def run_live(cs_or_url, project: str, workspace: str, *, exposures, particles=No
              config=None, email: str | None = None, password: str | None = None, model_dir: str | Path | None = None,
              title: str = DEFAULT_TITLE, path_map: Sequence[str] | PathMap = (), download: str = "auto",
              work_dir: str | Path | None = None, progress: ProgressCallback | None = None, mask=None,
-             volume=None) -> LiveRun:
+             volume=None, placement=None) -> LiveRun:
     """:func:`pick_live` returning the details.
 
     ``model_dir``: a trained model directory (then ``particles`` are optional: nothing is trained). ``mask`` /
@@ -170,7 +170,7 @@ def run_live(cs_or_url, project: str, workspace: str, *, exposures, particles=No
                 for note in notes:
                     log.warning(note)
                 return _run(job, proj, log, cfg, exp, parts, model_dir, pmap, download, base, run_dir, sources,
-                            ref, ref_output)
+                            ref, ref_output, placement)
             except KeyboardInterrupt as exc:
                 raise Aborted("interrupted by the user") from exc
             except Exception as exc:
@@ -200,7 +200,7 @@ def _setup(job, exp, parts, ref_output=None, ref=None) -> None:
 
 
 def _run(job, proj, log: EventLog, cfg, exp, parts, model_dir, pmap: PathMap, download: str, base: Path,
-         run_dir: Path, sources, ref=None, ref_output=None) -> LiveRun:
+         run_dir: Path, sources, ref=None, ref_output=None, placement=None) -> LiveRun:
     log.text(settings.summary_text(cfg, sources, model_dir, run_dir))
     mic_data = job.load_input(MICROGRAPHS_INPUT, slots="all")  # one row per micrograph; all slots (exposure groups)
     all_mics = records.micrographs_from_exposures(mic_data, PurePosixPath, where=exp.label)
@@ -244,7 +244,7 @@ def _run(job, proj, log: EventLog, cfg, exp, parts, model_dir, pmap: PathMap, do
         return dset
 
     result, dset = pick_to_dataset(mics, cfg, work_dir=run_dir, curated=curated, model_dir=model_dir,
-                                   reference=reference, progress=log, allocate=allocate)
+                                   reference=reference, progress=log, allocate=allocate, placement=placement)
     picks = result.picks
     job.save_output(OUTPUT, dset)
     if not len(picks):

@@ -72,7 +72,7 @@ def write_result_group(dset: Dataset, out_dir: str | Path, name: str = DEFAULT_N
 def pick_offline(project_dir: str | Path, exposures, out_dir: str | Path, *, particles=None,
                  diameter_A: float | None = None, config=None, model_dir: str | Path | None = None,
                  path_map: Sequence[str] | PathMap = (), name: str = DEFAULT_NAME, work_dir: str | Path | None = None,
-                 progress: ProgressCallback | None = None, mask=None, volume=None) -> OfflineRun:
+                 progress: ProgressCallback | None = None, mask=None, volume=None, placement=None) -> OfflineRun:
     """Pick the micrographs of ``exposures`` in a project directory; write ``<out_dir>/<name>.cs`` + ``.csg``.
 
     ``exposures`` / ``particles``: ``("J8", "exposures")``, ``"J8"``, ``"J8:exposures"`` or a ``.cs``/``.csg``
@@ -129,7 +129,8 @@ def pick_offline(project_dir: str | Path, exposures, out_dir: str | Path, *, par
     work = Path(work_dir) if work_dir else out_dir / "work"
     progress(ProgressEvent("prepare", message=settings.summary_text(cfg, sources, model_dir, work)))
     result, dset = pick_to_dataset(mics, cfg, work_dir=work, curated=curated, model_dir=model_dir,
-                                   reference=reference, progress=progress, allocate=records.allocate_particles)
+                                   reference=reference, progress=progress, allocate=records.allocate_particles,
+                                   placement=placement)
     picks = result.picks
     desc = f"Picked by CRISP (crisp-ext) on {exp_label}" + (f", trained on {sources[1][1]}" if curated else "")
     cs_path, csg_path = write_result_group(dset, out_dir, name, title="CRISP picked particles", description=desc,

@@ -28,7 +28,7 @@ from pathlib import Path
 import numpy as np
 
 from crisp_ext import __version__
-from crisp_ext.errors import Aborted, InputError
+from crisp_ext.errors import Aborted, InputError, RunFailed
 
 from . import nodes
 from .job import MARKER_ABORTED, MARKER_FAILURE, MARKER_SUCCESS, JobDir, detect_version, parse_version, read_job_star
@@ -48,7 +48,8 @@ PARAMS = {
     "gpu": "GPU to use, RELION style ('0'; empty = any GPU); without it: a GPU if one is visible, else the CPU",
     "pickname": "name of the coordinate files: <micrograph>_<pickname>.star (default autopick)",
     "save_maps": "also write each micrograph's probability map as MRC next to its coordinates (yes/no)",
-    "epochs": "training epochs (default 50)",
+    "workers": "where picking runs: empty = this job's process; local:N = N worker processes (threads shared); "
+               "slurm:N = N SLURM jobs via dask-jobqueue (settings from ~/.config/dask/jobqueue.yaml)",
     "config": "a crisp-ext configuration file (TOML/YAML/JSON) for everything else",
     "set": "config overrides without spaces, comma separated: train.patch_size=128,centres.finder=nms",
 }
@@ -56,6 +57,9 @@ PARAMS = {
 EXTRA = {
     "device": "auto, cpu, cuda or cuda:N (instead of 'gpu')",
     "relion_version": "3.1, 4 or 5: the node format to write when it cannot be detected (default auto)",
+    "epochs": "training epochs (default 50)",
+    "scheduler": "an existing Dask scheduler (tcp://host:8786) or its scheduler file, instead of 'workers'",
+    "cluster_option": "batch job settings for 'workers' slurm:N, comma separated: queue=gpu,walltime=02:00:00",
 }
 
 
@@ -161,6 +165,7 @@ class Options:
     threads: int | None
     overrides: dict
     config_file: str | None
+    placement: object = None  # crisp_ext.distributed.Placement, or None (this process)
 
 
 def options_from(args: argparse.Namespace, extra: list[str]) -> Options:
@@ -205,7 +210,11 @@ def options_from(args: argparse.Namespace, extra: list[str]) -> Options:
     model = args.model.strip() if args.model and args.model.strip() else None
     if args.model is not None and model is None:
         raise InputError("parameter model has no value; give a model directory or remove the row")
-    return Options(o=args.o, in_mics=args.in_mics, in_parts=args.in_parts, in_coords=args.in_coords,
+    from crisp_ext.distributed import parse_placement
+
+    placement = parse_placement((args.workers or "").strip() or None, (args.scheduler or "").strip() or None,
+                                [args.cluster_option] if args.cluster_option else [])
+    return Options(placement=placement, o=args.o, in_mics=args.in_mics, in_parts=args.in_parts, in_coords=args.in_coords,
                    in_3dref=args.in_3dref, in_mask=args.in_mask, pickname=pickname, model=model,
                    version_override=version, save_maps=save_maps, threads=threads, overrides=overrides,
                    config_file=args.config.strip() if args.config and args.config.strip() else None)
@@ -284,7 +293,7 @@ def run_job(opts: Options, job: JobDir, log=_log) -> dict:
         result = run(mics, cfg, work_dir=job.path, particles=particles, model_dir=model_dir, reference=reference,
                      skip=lambda m: m.id in done, on_ready=writer.ready, on_picked=writer.picked,
                      map_path=lambda m: Path(nodes.sibling_file(job.o, m.id, "_probability.mrc")),
-                     should_abort=job.abort_requested, progress=LinePrinter(sys.stdout))
+                     should_abort=job.abort_requested, progress=LinePrinter(sys.stdout), placement=opts.placement)
     else:
         log("nothing left to pick")
     return _finish(opts, job, mics, writer, result, (version, how), is_continue, len(done), t0, log)
@@ -301,6 +310,10 @@ def _start(opts: Options, job: JobDir, log) -> tuple[str | None, str, bool]:
     if job.abort_requested():
         raise Aborted(f"{job.o}RELION_JOB_ABORT_NOW exists (remove it to run again)")
     nodes.remove_output_nodes(job.o)
+    from crisp_ext.io.outdir import remove_leftovers
+
+    if remove_leftovers(job.path):  # an interrupted run's temporary files (never read as outputs)
+        log("removed the temporary files an interrupted run left")
     if opts.threads:  # RELION's --j; training sets it again, picking with a loaded model relies on this
         import torch
 
@@ -445,6 +458,11 @@ def main(argv: list[str] | None = None) -> int:
         _log(f"aborted: {exc}")
         job.mark(MARKER_ABORTED)
         return EXIT_INTERRUPTED
+    except RunFailed as exc:
+        print(f"{PROG}: error: {exc}", file=sys.stderr, flush=True)
+        _log(f"failed: {exc}")
+        job.mark(MARKER_FAILURE)
+        return EXIT_ERROR
     except InputError as exc:
         print(f"{PROG}: error: {exc}", file=sys.stderr, flush=True)
         _log(f"error: {exc}")

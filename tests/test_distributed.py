@@ -15,6 +15,7 @@ import threading
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 from test_cli import NAMES, common, project, trained  # noqa: F401 (fixtures)
 
@@ -241,3 +242,45 @@ def test_slurm_workers_give_the_single_process_picks_and_survive_a_cancelled_job
     assert coordinates(out / "coordinates") == coordinates(single / "coordinates")
     summary = json.loads((out / "summary.json").read_text())
     assert summary["micrographs_picked"] == len(NAMES) and sorted(summary["counts"]) == NAMES
+
+
+# -- the same option in the other entry points ----------------------------------------------------------------------
+
+def test_crisp_relion_workers_row_gives_the_single_process_picks(trained, tmp_path, monkeypatch):
+    import relion_synth as rs
+
+    from relion_external.cli import main as relion_main
+
+    p = rs.simulate(tmp_path / "relion", n_mics=4, shape=(256, 256))
+    rs.write_micrographs_star(p, "CtfFind/job003/micrographs_ctf.star")
+    monkeypatch.chdir(p.root)
+    picked = {}
+    for o, extra in (("External/job030/", []), ("External/job031/", ["--workers", "local:2"])):
+        with contextlib.redirect_stdout(io.StringIO()) as log:
+            rc = relion_main(["--o", o, "--in_mics", p.mics_star, "--model", str(trained.model), "--j", "1", *extra])
+        assert rc == 0 and (p.root / o / "RELION_JOB_EXIT_SUCCESS").exists(), log.getvalue()
+        picked[o] = {f.name: read_coordinates(f).xy.tolist() for f in sorted((p.root / o).rglob("*_autopick.star"))
+                     if not f.name.startswith("coords_suffix")}
+    assert "(worker " in log.getvalue()
+    assert picked["External/job030/"] == picked["External/job031/"] and len(picked["External/job030/"]) == 4
+
+
+def test_crisp_cryosparc_offline_workers_give_the_single_process_picks(tmp_path, capsys):
+    from cryosparc.dataset import Dataset
+    from cryosparc_scene import TINY, seed_scene
+    from fakes.cryosparc_server import FakeCryoSPARC
+
+    from cryosparc_job.cli import main as cs_main
+
+    fake = FakeCryoSPARC(tmp_path / "CS-proj")
+    seed_scene(fake)
+    sets = [a for k, v in TINY.items() for a in ("--set", f"{k}={json.dumps(v)}")]
+    base = ["offline", "--project-dir", str(fake.project_dir), "--exposures", "J1", "--particles", "J2",
+            "--diameter", "112A", "--quiet", "--threads", "1", *sets]
+    assert cs_main([*base, "--out", str(tmp_path / "one")]) == 0
+    model = tmp_path / "one" / "work" / "model"
+    assert cs_main([*base, "--out", str(tmp_path / "two"), "--model", str(model), "--workers", "local:2"]) == 0
+    assert cs_main([*base, "--out", str(tmp_path / "ref"), "--model", str(model)]) == 0
+    a, b = (Dataset.load(tmp_path / d / "crisp_particles.cs") for d in ("ref", "two"))
+    for f in ("location/micrograph_uid", "location/center_x_frac", "location/center_y_frac", "pick_stats/ncc_score"):
+        assert np.array_equal(np.asarray(a[f]), np.asarray(b[f])), f

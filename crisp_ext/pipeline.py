@@ -512,17 +512,33 @@ def pick(
         for i, (mic, xy, score, worker) in enumerate(stream):
             done(i, mic, Particles.for_one(mic.id, xy, score), None, f" (worker {worker})")
     else:
-        for i, (mic, wi, prob) in enumerate(predict_many(picker.model, todo, loader, cfg.predict,
-                                                         channel=map_channel(cfg))):
-            diameter = micrograph_diameter(mic, cfg)
-            picks = pick_micrograph(prob, wi, mic, diameter, cfg, picker.finder, picker.params, picker.threshold)
+        from collections import deque
+        from concurrent.futures import ThreadPoolExecutor
+
+        def centres(mic: Micrograph, wi: WorkingImage, prob: np.ndarray):
+            picks = pick_micrograph(prob, wi, mic, micrograph_diameter(mic, cfg), cfg, picker.finder,
+                                    picker.params, picker.threshold)
             if cfg.predict.save_maps:
                 from .io.mrc import write_mrc
 
                 target = map_path(mic) if map_path else work_dir / "maps" / f"{mic.name}_probability.mrc"
                 write_mrc(target, prob.astype(np.float32),
                           pixel_size=(wi.pixel_size / wi.scale.factor) if wi.pixel_size else None)
-            done(i, mic, picks, wi)
+            return mic, picks, wi
+
+        # Reading runs ahead in a loader process, and centre finding of one micrograph in a thread while the
+        # network predicts the next one; results are handed on in order.
+        queue: deque = deque()
+        k = 0
+        with ThreadPoolExecutor(max_workers=1, thread_name_prefix="crisp-centres") as pool:
+            for mic, wi, prob in predict_many(picker.model, todo, loader, cfg.predict, channel=map_channel(cfg)):
+                queue.append(pool.submit(centres, mic, wi, prob))
+                while len(queue) > 1:
+                    done(k, *queue.popleft().result())
+                    k += 1
+            while queue:
+                done(k, *queue.popleft().result())
+                k += 1
     timings["pick"] = time.perf_counter() - t0
     picks = Particles.concat(all_picks) if all_picks else Particles.empty(with_score=True)
     if len(picks):

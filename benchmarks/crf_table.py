@@ -16,7 +16,7 @@
    on the whole micrograph (``CRFSegmenter.refine``). Reported on the test set: pixel IoU / F1 / precision /
    recall at 0.5 against plain disk labels (pooled), the probability mass in [0.1, 0.9] (less = more bimodal), and
    picking: finder, parameters and threshold chosen on the validation maps exactly as the pipeline does
-   (``select_finder`` over ``centres.finder = auto`` with ``pipeline._centre_options``: centroid refinement at
+   (``select_finder`` over ``centres.finder = auto`` with ``pipeline.centre_options``: centroid refinement at
    ``centres.refine`` D, edge rule, de-duplication), then ``pick_centres`` on each test map; precision / recall
    / F1 at that threshold and AP over all ranked picks, one-to-one matching within D/2 and within D/4.
 4. Cost per micrograph at the working scale (910²): prediction of the network alone, per tile with the CRF and
@@ -50,7 +50,7 @@ from crisp_ext.config import PickerConfig  # noqa: E402
 from crisp_ext.crf import CRFSegmenter, build_crf_segmenter  # noqa: E402
 from crisp_ext.metrics import picking_metrics  # noqa: E402
 from crisp_ext.model import build_model, size_multiple  # noqa: E402
-from crisp_ext.pipeline import _centre_options  # noqa: E402
+from crisp_ext.pipeline import centre_options  # noqa: E402
 from crisp_ext.predict import autocast_context, blend_window, model_device, predict_map, tile_starts  # noqa: E402
 from crisp_ext.train import _fingerprint, evaluate_maps, train_model  # noqa: E402
 
@@ -132,7 +132,7 @@ def evaluate(model, cfg, val, test, mode: str) -> dict:
     predict_s = time.perf_counter() - t0
     pixels = evaluate_maps(test_maps, [plain for _, plain in test])
     uncertain = float(np.mean(np.concatenate([((m >= 0.1) & (m <= 0.9)).ravel() for m in test_maps])))
-    options = _centre_options(cfg, d)
+    options = centre_options(cfg, d)
     finders = DEFAULT_FINDERS if cfg.centres.finder == "auto" else (cfg.centres.finder,)
     sel = select_finder(val_maps, [it.truth_xy for it in val], d, finders=finders,
                         match_radius_px=cfg.centres.match_radius * d, objective=cfg.centres.threshold_objective,

@@ -5,7 +5,7 @@
 ``--model`` is a crisp-ext model directory (``crisp-ext train --out RUN`` writes ``RUN/model``), trained on the
 README's 4 micrographs and validated on its 2. For each finder alone (nms, trackpy, morphology) and for ``auto``
 (all three, as the pipeline chooses), the finder's settings and the score threshold are chosen on the 2 validation
-maps exactly as the pipeline does (``select_finder`` with ``pipeline._centre_options``: centroid refinement, edge
+maps exactly as the pipeline does (``select_finder`` with ``pipeline.centre_options``: centroid refinement, edge
 rule, de-duplication); the 14 test maps are then picked with them. Printed per finder: precision / recall / F1 at
 that threshold and AP over all ranked picks, with one-to-one matching within D/2 (13.5 px, the usual criterion)
 and within D/4, the mean distance of matched picks, and the finder's time per map (the map to centres, refinement
@@ -33,7 +33,7 @@ from crisp_ext.centres.select import DEFAULT_FINDERS, select_finder  # noqa: E40
 from crisp_ext.io.coords import read_coordinates  # noqa: E402
 from crisp_ext.metrics import picking_metrics  # noqa: E402
 from crisp_ext.model_dir import load_model_dir  # noqa: E402
-from crisp_ext.pipeline import _centre_options  # noqa: E402
+from crisp_ext.pipeline import centre_options  # noqa: E402
 from crisp_ext.predict import predict_map  # noqa: E402
 from crisp_ext.preprocess import load_working  # noqa: E402
 
@@ -59,7 +59,7 @@ def main(argv=None) -> int:
     print(f"predicted {len(maps)} maps in {time.perf_counter() - t0:.0f} s (working shape "
           f"{next(iter(maps.values())).shape}, D = {d:g} working px)", flush=True)
     _, val, test = split_names(maps)
-    options = _centre_options(cfg, d)
+    options = centre_options(cfg, d)
 
     rows = []
     for finders in [(f,) for f in DEFAULT_FINDERS] + [tuple(DEFAULT_FINDERS)]:

@@ -214,7 +214,7 @@ def pick_chunk(model_ref: tuple, cfg_dict: dict, finder: str, params: dict, thre
     """Pick ``mics`` in a worker: ``[(micrograph id, xy, score, worker name, seconds), ...]``. An error names the
     micrograph it happened on."""
     from .config import PickerConfig
-    from .pipeline import MicrographLoader, map_channel, micrograph_diameter, pick_micrograph
+    from .picking import MicrographLoader, map_channel, micrograph_diameter, pick_micrograph
     from .predict import predict_map
 
     model, device = _worker_model(model_ref, threads)

@@ -36,7 +36,9 @@ import numpy as np
 from .config import PickerConfig
 from .errors import Aborted, InputError
 from .footprints import FootprintMaker, ReferenceMask, plot_footprints, resolve_label_kind
-from .preprocess import WorkingImage, check_particle_fits, diameter_in_pixels, load_working
+from .picking import (MicrographLoader, centre_options, map_channel, micrograph_diameter,  # noqa: F401 (re-exported)
+                      micrograph_pixel_size, pick_micrograph)
+from .preprocess import WorkingImage, check_particle_fits
 from .progress import ProgressCallback, ProgressEvent, silent
 from .types import Micrograph, Particles, micrographs_by_id
 
@@ -57,39 +59,6 @@ class PipelineResult:
     config: PickerConfig | None = None  # the picker's config (a loaded model's scale and diameter, unless given)
     plots: list[Path] = field(default_factory=list)  # PNGs written by this run
     skipped: list[str] = field(default_factory=list)  # micrograph ids skipped (already done)
-
-
-# -- sizes ----------------------------------------------------------------------------------------------------------
-
-def micrograph_pixel_size(mic: Micrograph, cfg: PickerConfig) -> float | None:
-    """The pixel size to use: config override, the record's, or the MRC header's."""
-    if cfg.preprocess.pixel_size:
-        return float(cfg.preprocess.pixel_size)
-    if mic.pixel_size:
-        return float(mic.pixel_size)
-    from .io.mrc import read_info
-
-    return read_info(mic.path).pixel_size
-
-
-def micrograph_diameter(mic: Micrograph, cfg: PickerConfig) -> float:
-    """Particle diameter in original pixels of this micrograph."""
-    ps = None if cfg.particle.diameter_px else micrograph_pixel_size(mic, cfg)
-    return diameter_in_pixels(cfg.particle.diameter_A, cfg.particle.diameter_px, ps, where=str(mic.path))
-
-
-class MicrographLoader:
-    """Reads one micrograph and brings it to the working scale (a picklable callable for DataLoader workers)."""
-
-    def __init__(self, cfg: PickerConfig):
-        self.cfg = cfg
-
-    def __call__(self, mic: Micrograph) -> WorkingImage:
-        ps = micrograph_pixel_size(mic, self.cfg) if self.cfg.particle.diameter_A else (
-            self.cfg.preprocess.pixel_size or mic.pixel_size)
-        diameter = diameter_in_pixels(self.cfg.particle.diameter_A, self.cfg.particle.diameter_px, ps,
-                                      where=str(mic.path))
-        return load_working(mic.path, diameter, self.cfg.preprocess, pixel_size=ps)
 
 
 # -- input checks ---------------------------------------------------------------------------------------------------
@@ -304,7 +273,7 @@ def _train(micrographs, by_id, particles: Particles, cfg: PickerConfig, work_dir
         cfg = cfg.updated({"centres.edge": edge})
         progress(ProgressEvent("select", message=why))
     finders = ("nms", "trackpy", "morphology") if cfg.centres.finder == "auto" else (cfg.centres.finder,)
-    options = _centre_options(cfg, diameter_w)
+    options = centre_options(cfg, diameter_w)
     names = ["segmentation", "centre"][: cfg.output_channels()]
     tried = names if cfg.centres.map == "auto" else [cfg.centres.map]
     selection, chosen = None, None
@@ -360,34 +329,6 @@ def _train(micrographs, by_id, particles: Particles, cfg: PickerConfig, work_dir
 
 
 # -- picking --------------------------------------------------------------------------------------------------------
-
-def map_channel(cfg: PickerConfig) -> int:
-    """The network output channel centres are found on (``centres.map``; ``auto`` not yet resolved: the last)."""
-    return {"segmentation": 0, "centre": 1}.get(cfg.centres.map, cfg.output_channels() - 1)
-
-
-def _centre_options(cfg: PickerConfig, diameter_w: float) -> dict:
-    """Edge rule and de-duplication at the working scale, the same for selection and picking."""
-    return {"edge": cfg.centres.edge, "box_px": cfg.centres.box_fraction * diameter_w,
-            "min_distance_px": cfg.centres.min_distance * diameter_w,
-            "refine_sigma_px": cfg.centres.refine * diameter_w}
-
-
-def pick_micrograph(prob: np.ndarray, wi: WorkingImage, mic: Micrograph, diameter_px: float, cfg: PickerConfig,
-                    finder: str, params: dict, threshold: float) -> Particles:
-    """Centres of one probability map in original pixels: find, edge rule, de-duplication, threshold (at the
-    working scale, exactly as on the validation micrographs), best score first."""
-    from .centres.postprocess import pick_centres
-
-    diameter_w = wi.scale.length_to_working(diameter_px)
-    cs = pick_centres(prob, diameter_w, finder, params, threshold, **_centre_options(cfg, diameter_w)).sorted()
-    xy = wi.scale.to_original(cs.xy)
-    ny, nx = wi.scale.original_shape
-    # Never a coordinate outside the micrograph (RELION's Extract fails the whole job on one).
-    xy[:, 0] = np.clip(xy[:, 0], 0.0, nx - 1.0)
-    xy[:, 1] = np.clip(xy[:, 1], 0.0, ny - 1.0)
-    return Particles.for_one(mic.id, xy, cs.score)
-
 
 @dataclass
 class Picker:
@@ -540,6 +481,8 @@ def pick(
                 done(k, *queue.popleft().result())
                 k += 1
     timings["pick"] = time.perf_counter() - t0
+    order = {m.id: i for i, m in enumerate(todo)}  # the micrographs' order, whichever worker finished first
+    all_picks.sort(key=lambda p: order.get(p.micrograph[0], -1) if len(p) else -1)
     picks = Particles.concat(all_picks) if all_picks else Particles.empty(with_score=True)
     if len(picks):
         plots.append(_score_histogram(work_dir, picks.score, picker.threshold))

@@ -160,9 +160,13 @@ def run_live(cs_or_url, project: str, workspace: str, *, exposures, particles=No
     if ref is not None:
         sources.append((ref.what, f"{ref_output[0]}:{ref_output[1]} ({ref_output[2]})" if ref_output else ref.text))
     job = proj.create_external_job(wspace.uid, title=title, desc=settings.description(cfg, sources, model_dir))
-    base = Path(work_dir) if work_dir else Path.cwd() / "crisp-cryosparc" / proj.uid
-    run_dir = base / job.uid
-    log = EventLog(job, echo=progress)
+    try:  # from here any interrupt ends the job failed, never "building"
+        base = Path(work_dir) if work_dir else Path.cwd() / "crisp-cryosparc" / proj.uid
+        run_dir = base / job.uid
+        log = EventLog(job, echo=progress)
+    except BaseException as exc:
+        _fail_quietly(job, f"setting up the job failed: {error_text(exc)}")
+        raise
     try:
         _setup(job, exp, parts, ref_output, ref)
         with job.run():
@@ -191,11 +195,14 @@ def _setup(job, exp, parts, ref_output=None, ref=None) -> None:
             job.connect(PARTICLES_INPUT, parts.job.uid, parts.output, slots=["location", "?alignments3D"],
                         title="Curated particles")
         if ref_output:
-            job.connect(REFERENCE_INPUT, ref_output[0], ref_output[1], slots=[ref_output[2]],
+            # the slot takes the source result's own name and type (volumes and masks are "blob" results)
+            job.connect(REFERENCE_INPUT, ref_output[0], ref_output[1],
+                        slots=[{"name": ref_output[2], "dtype": ref_output[3]}],
                         title=ref.what[:1].upper() + ref.what[1:] + " for the labels")
         job.add_output("particle", OUTPUT, slots=["location", "pick_stats"], title="Picked particles")
-    except Exception as exc:  # a job that cannot run must not stay behind as "building" without a word
-        _fail_quietly(job, f"setting up the job failed: {error_text(exc)}")
+    except BaseException as exc:  # Ctrl-C included: a job that cannot run must not stay behind as "building"
+        _fail_quietly(job, "setting up the job was interrupted" if isinstance(exc, KeyboardInterrupt) else
+                      f"setting up the job failed: {error_text(exc)}")
         raise
 
 
@@ -241,10 +248,14 @@ def _run(job, proj, log: EventLog, cfg, exp, parts, model_dir, pmap: PathMap, do
         if unknown:
             log.warning(f"the server announces particle fields crisp-ext does not fill (left at 0): "
                         f"{', '.join(unknown)}")
+        not_declared = sorted({f[0] for f in records.PARTICLE_FIELDS} - set(dset.fields()))
+        if not_declared:
+            log.text(f"the server does not declare {', '.join(not_declared)}; saving only the declared fields")
         return dset
 
     result, dset = pick_to_dataset(mics, cfg, work_dir=run_dir, curated=curated, model_dir=model_dir,
-                                   reference=reference, progress=log, allocate=allocate, placement=placement)
+                                   reference=reference, progress=log, allocate=allocate, placement=placement,
+                                   declared_only=True)
     picks = result.picks
     job.save_output(OUTPUT, dset)
     if not len(picks):
@@ -264,7 +275,7 @@ def _reference(job, proj, ref, ref_output, local_dir: Path | None, pmap: PathMap
     if ref_output is None:
         reference = reference_from_file(ref, ref.path, ref.pixel_size, str(ref.path))
     else:
-        uid, output, slot = ref_output
+        uid, output, slot, _ = ref_output
         label = f"{uid}:{output}/{slot}"
         blob, psize = blob_of(job.load_input(INPUT_NAME, slots=[slot]), slot, label)
         reference = fetch_reference(
@@ -310,13 +321,22 @@ def _wanted(job, input_name: str, slots: Sequence[str]) -> list[str]:
 
 
 def _log_plot(job, path: Path, threshold: float) -> None:
+    """Upload one PNG under a short safe file name and log it with its sentence as the caption (``log_plot`` would
+    name the file after the sentence)."""
+    import re
+
+    from cryosparc.stream import Stream
+
     if path.stem == "score_histogram":
         text = f"Pick scores (threshold {threshold:.3g})"
     elif path.stem == "label_footprints":
         text = "Training labels: footprints of the 3D mask at each particle's pose"
     else:
         text = "Picks on " + path.stem.removeprefix("picks_")
-    job.log_plot(path, text, formats=["png"])
+    name = (re.sub(r"[^A-Za-z0-9_.-]+", "_", path.stem).strip("._") or "plot")[:64] + ".png"
+    api = job.cs.api
+    asset = api.assets.upload(job.project_uid, job.uid, Stream.load(path), filename=name, format="png")
+    api.jobs.add_image_log(job.project_uid, job.uid, [asset], text=text, flags=["plots"])
 
 
 def _fail_quietly(job, message: str) -> None:

@@ -31,14 +31,14 @@ def curated_particles(part_data: Dataset, mics: Sequence[Micrograph], part_label
 
 def pick_to_dataset(mics: Sequence[Micrograph], cfg, *, work_dir: Path, curated: Particles | None,
                     model_dir: Path | None, reference, progress: ProgressCallback,
-                    allocate: Callable[[int], Dataset], placement=None):
+                    allocate: Callable[[int], Dataset], placement=None, declared_only: bool = False):
     """Train (or load) and pick through the one pipeline; returns ``(PipelineResult, dataset)`` with the dataset
-    from ``allocate(n)`` filled with the ``n`` picks."""
+    from ``allocate(n)`` filled with the ``n`` picks (``declared_only``: only the fields it was allocated with)."""
     from crisp_ext import pipeline
 
     result = pipeline.run(mics, cfg, work_dir=work_dir, particles=curated if curated is not None and len(curated)
                           else None, model_dir=model_dir, reference=reference, progress=progress,
                           placement=placement)
     dset = records.fill_particles(allocate(len(result.picks)), result.picks, micrographs_by_id(mics),
-                                  settings.min_dist_A(mics, result.config))
+                                  settings.min_dist_A(mics, result.config), declared_only=declared_only)
     return result, dset

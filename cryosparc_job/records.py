@@ -169,8 +169,8 @@ def allocate_particles(n: int) -> Dataset:
 
 
 def fill_particles(dset: Dataset, picks: Particles, micrographs: Mapping[str, Micrograph],
-                   min_dist_A: Mapping[str, float] | float, score_range: tuple[float, float] = (0.0, 1.0)
-                   ) -> Dataset:
+                   min_dist_A: Mapping[str, float] | float, score_range: tuple[float, float] = (0.0, 1.0),
+                   *, declared_only: bool = False) -> Dataset:
     """Fill ``location`` and ``pick_stats`` of ``dset`` (allocated with ``len(picks)`` rows) from the picks.
 
     Fields the server did not announce but cryoSPARC's own pickers write (``micrograph_psize_A``, ``min_dist_A``)
@@ -182,19 +182,20 @@ def fill_particles(dset: Dataset, picks: Particles, micrographs: Mapping[str, Mi
         raise ValueError(f"dataset has {len(dset)} rows for {n} picks")
     have = set(dset.fields())
     missing = [f for f in PARTICLE_FIELDS if f[0] not in have]
-    if missing:
+    if missing and not declared_only:  # offline .cs: the full set; live: exactly what the server declares
         dset.add_fields(missing)
     if n == 0:
         return dset
     mics = [micrographs[m] for m in picks.micrograph]
     shapes = np.array([_pixel_shape(m) for m in mics], dtype=np.float64)
     fx, fy = pixels_to_fractions(picks.xy, shapes)
+    dset = _FieldWriter(dset)
     dset["location/micrograph_uid"] = np.array([int(m.meta["uid"]) for m in mics], dtype=np.uint64)
     dset["location/exp_group_id"] = np.array([int(m.meta.get("exp_group_id", DEFAULT_EXP_GROUP)) for m in mics],
                                              dtype=np.uint32)
     dset["location/micrograph_path"] = [str(m.meta["micrograph_path"]) for m in mics]
-    dset["location/micrograph_shape"] = np.array([m.meta.get("blob_shape") or _pixel_shape(m) for m in mics],
-                                                 dtype=np.uint32).reshape(n, 2)
+    # the exposure's recorded shape, or the file's when it recorded none ((0, 0))
+    dset["location/micrograph_shape"] = np.array([_recorded_shape(m) for m in mics], dtype=np.uint32).reshape(n, 2)
     dset["location/center_x_frac"] = fx.astype(np.float32)
     dset["location/center_y_frac"] = fy.astype(np.float32)
     dset["location/micrograph_psize_A"] = np.array([m.meta.get("psize_A") or m.pixel_size or 0.0 for m in mics],
@@ -208,7 +209,19 @@ def fill_particles(dset: Dataset, picks: Particles, micrographs: Mapping[str, Mi
     dset["pick_stats/power"] = score
     dset["pick_stats/template_idx"] = 0
     dset["pick_stats/angle_rad"] = 0.0
-    return dset
+    return dset.dataset
+
+
+class _FieldWriter:
+    """Assigns the fields a dataset has; the others (not declared by a live server) are left out."""
+
+    def __init__(self, dataset: Dataset):
+        self.dataset = dataset
+        self.fields = set(dataset.fields())
+
+    def __setitem__(self, name: str, value) -> None:
+        if name in self.fields:
+            self.dataset[name] = value
 
 
 def unit_score(score, score_range: tuple[float, float], n: int) -> np.ndarray:
@@ -229,6 +242,13 @@ def picks_from_dataset(dset: Dataset, micrographs: Sequence[Micrograph]) -> Part
         rows = np.array([int(u) in known for u in dset["location/micrograph_uid"]], dtype=bool)
         parts = parts.with_(score=np.asarray(dset["pick_stats/ncc_score"], dtype=np.float64)[rows])
     return parts
+
+
+def _recorded_shape(mic: Micrograph) -> tuple[int, int]:
+    shape = mic.meta.get("blob_shape")
+    if shape is not None and len(shape) == 2 and all(int(v) > 0 for v in shape):
+        return (int(shape[0]), int(shape[1]))
+    return _pixel_shape(mic)
 
 
 def _pixel_shape(mic: Micrograph) -> tuple[int, int]:

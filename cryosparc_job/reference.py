@@ -145,8 +145,9 @@ def fetch_reference(spec: ReferenceSpec, blob: str, pixel_size: float | None, la
     return reference_from_array(spec, data, pixel_size, f"{label} (downloaded {PurePosixPath(blob).name})")
 
 
-def find_live_output(project, spec: ReferenceSpec) -> tuple[str, str, str]:
-    """(job uid, output, slot) of ``spec.source`` on a live instance, checked to hold saved data."""
+def find_live_output(project, spec: ReferenceSpec) -> tuple[str, str, str, str]:
+    """(job uid, output, slot, the slot's result dtype) of ``spec.source`` on a live instance, checked to hold saved
+    data. The dtype is the server's own (``blob`` for volumes and masks), for connecting an input of that type."""
     from cryosparc.errors import APIError
 
     from .connect import error_text
@@ -162,7 +163,8 @@ def find_live_output(project, spec: ReferenceSpec) -> tuple[str, str, str]:
     if not any(r.metafiles for r in outputs[name].results):
         raise InputError(f"{spec.flag} {spec.text}: output {job.uid}:{name} holds no saved data (job status: "
                          f"{job.status}); wait for the job to complete")
-    return job.uid, name, slot
+    dtype = next((r.dtype for r in outputs[name].results if r.name == slot), None) or slot
+    return job.uid, name, slot, str(dtype)
 
 
 def load_offline(project_dir: Path, spec: ReferenceSpec, path_map) -> ReferenceMask:

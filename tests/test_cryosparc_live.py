@@ -19,7 +19,10 @@ from cryosparc_job.connect import CryoSPARCError, connect
 from cryosparc_job.live import JobFailed, pick_live, run_live
 
 LOCATION = ["location/micrograph_uid", "location/exp_group_id", "location/micrograph_path", "location/micrograph_shape",
-            "location/center_x_frac", "location/center_y_frac", "location/micrograph_psize_A", "location/min_dist_A"]
+            "location/center_x_frac", "location/center_y_frac"]  # the v4 minimum a server declares
+# the three declared field lists the live path is run against: the v4 minimum, + min_dist_A, + micrograph_psize_A
+DECLARED = {"v4 minimum": [], "+min_dist_A": [("min_dist_A", "f4")],
+            "+min_dist_A+micrograph_psize_A": [("min_dist_A", "f4"), ("micrograph_psize_A", "f4")]}
 PICK_STATS = ["pick_stats/ncc_score", "pick_stats/power", "pick_stats/template_idx", "pick_stats/angle_rad"]
 
 
@@ -36,8 +39,10 @@ def live(fake, tmp_path, **kw):
     return run_live(fake.base_url, "P1", "W1", **args)
 
 
-def test_full_flow_trains_picks_and_saves_a_completed_external_job(cryosparc_inprocess, tmp_path):
+@pytest.mark.parametrize("declared", list(DECLARED))
+def test_full_flow_trains_picks_and_saves_a_completed_external_job(cryosparc_inprocess, tmp_path, declared):
     fake = cryosparc_inprocess
+    fake.output_fields["location"] = fake.output_fields["location"] + DECLARED[declared]
     scene = seed_scene(fake)
     run = live(fake, tmp_path, diameter_A=DIAMETER_A)
     job = fake.job(run.job_uid)
@@ -50,7 +55,8 @@ def test_full_flow_trains_picks_and_saves_a_completed_external_job(cryosparc_inp
     assert (output.type, sorted(s.name for s in output.slots)) == ("particle", ["location", "pick_stats"])
 
     saved = fake.load_saved(run.job_uid, "particles")  # what the server wrote to J3/particles.cs
-    assert sorted(saved.fields()) == sorted(["uid"] + LOCATION + PICK_STATS)
+    extra = [f"location/{f}" for f, _ in DECLARED[declared]]
+    assert sorted(saved.fields()) == sorted(["uid"] + LOCATION + extra + PICK_STATS)  # exactly what is declared
     picks = run.result.picks
     assert len(saved) == len(picks) > 0
     exposures = scene.exposures.dataset
@@ -59,8 +65,10 @@ def test_full_flow_trains_picks_and_saves_a_completed_external_job(cryosparc_inp
     assert list(saved["location/micrograph_path"]) == [scene.exposures.paths[r] for r in rows]
     assert saved["location/micrograph_shape"].tolist() == [list(SHAPE)] * len(saved)
     assert set(saved["location/exp_group_id"]) == {1}
-    np.testing.assert_allclose(saved["location/micrograph_psize_A"], 4.0)
-    np.testing.assert_allclose(saved["location/min_dist_A"], 0.5 * DIAMETER_A, rtol=1e-5)
+    if "location/micrograph_psize_A" in extra:
+        np.testing.assert_allclose(saved["location/micrograph_psize_A"], 4.0)
+    if "location/min_dist_A" in extra:
+        np.testing.assert_allclose(saved["location/min_dist_A"], 0.5 * DIAMETER_A, rtol=1e-5)
     # fractions (x / nx, y / ny, no flip) give back the pipeline's picks within half a pixel
     xy = records.fractions_to_pixels(saved["location/center_x_frac"], saved["location/center_y_frac"],
                                      saved["location/micrograph_shape"])
@@ -231,3 +239,43 @@ def test_environment_and_saved_login(cryosparc_inprocess, monkeypatch):
     monkeypatch.delenv("CRYOSPARC_EMAIL")
     fake.write_saved_login()
     assert connect(fake.base_url).find_project("P1").uid == "P1"
+
+
+def test_ctrl_c_during_setup_ends_the_job_failed_not_building(cryosparc_inprocess, tmp_path, monkeypatch):
+    from cryosparc.controllers.job import ExternalJobController
+
+    fake = cryosparc_inprocess
+    seed_scene(fake)
+
+    def interrupted(self, *args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(ExternalJobController, "connect", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        live(fake, tmp_path, diameter_A=DIAMETER_A)
+    job = fake.job(fake.jobs[-1])
+    assert job.spec.type == "snowflake" and job.status == "failed"
+    assert "interrupted" in job.errors_run[-1].message
+
+
+def test_plots_are_uploaded_under_short_safe_names_with_the_sentence_as_caption(cryosparc_inprocess, tmp_path):
+    import re
+
+    fake = cryosparc_inprocess
+    seed_scene(fake)
+    run = live(fake, tmp_path, diameter_A=DIAMETER_A)
+    names = [a.filename for a in fake.assets.values() if a.job_uid == run.job_uid]
+    assert names and all(re.fullmatch(r"[A-Za-z0-9_.-]{1,68}\.png", n) for n in names), names
+    assert "score_histogram.png" in names
+    assert any(t.startswith("Pick scores (threshold") for t in fake.event_texts(run.job_uid))
+
+
+def test_an_exposure_without_a_recorded_shape_gets_the_file_shape():
+    from crisp_ext.types import Micrograph, Particles
+    from cryosparc_job import records
+
+    mic = Micrograph(id="7", path="x.mrc", shape=(100, 120),
+                     meta={"uid": 7, "micrograph_path": "J1/x.mrc", "blob_shape": (0, 0), "psize_A": 1.0})
+    picks = Particles.for_one("7", [[10.0, 20.0]], [0.9])
+    dset = records.fill_particles(records.allocate_particles(1), picks, {"7": mic}, 10.0)
+    assert dset["location/micrograph_shape"].tolist() == [[100, 120]]

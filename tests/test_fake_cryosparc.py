@@ -325,8 +325,34 @@ def test_saved_dataset_is_checked_against_the_announced_fields(cryosparc_inproce
                 job.save_output("particles", dset)
             assert err.value.code == 422 and expected in str(err.value)
         job.save_output("particles", picks)  # the allocated dataset itself is accepted
-        job.save_output("particles", picks.copy().add_fields([("location/min_dist_A", "f4")]))  # extra field kept
+        # strict (the default): a field the output does not declare is refused, naming it
+        with pytest.raises(APIError) as err:
+            job.save_output("particles", picks.copy().add_fields([("location/min_dist_A", "f4")]))
+        assert err.value.code == 422 and "location/min_dist_A" in str(err.value)
+        # the lenient fake of before kept it
+        cryosparc_inprocess.strict = False
+        job.save_output("particles", picks.copy().add_fields([("location/min_dist_A", "f4")]))
     assert "location/min_dist_A" in cryosparc_inprocess.load_saved(job.uid, "particles").fields()
+
+
+def test_strict_connections_are_typed(cryosparc_inprocess):
+    """A volume output's results are "blob"s: an input slot typed by the slot's name ("map") is an unknown type,
+    and a slot of another known type does not take a blob result."""
+    from cryosparc.dataset import Dataset as DS
+
+    fake = cryosparc_inprocess
+    seed(fake)
+    dset = DS.allocate(1, [("map/path", "O"), ("map/psize_A", "<f4")])
+    vol = fake.seed_output_job(dset, output_name="volume", type="volume", job_type="homo_refine_new")
+    assert [r.dtype for r in fake.job(vol.uid).spec.outputs.root["volume"].results] == ["blob"]
+    job = picker_job(fake.connect())
+    with pytest.raises(APIError) as err:
+        job.connect("ref", vol.uid, "volume", slots=["map"])
+    assert err.value.code == 422 and "unknown slot type" in str(err.value)
+    with pytest.raises(APIError) as err:
+        job.connect("ref2", vol.uid, "volume", slots=[{"name": "map", "dtype": "location"}])
+    assert err.value.code == 422 and "lacks required slot" in str(err.value)
+    assert job.connect("ref3", vol.uid, "volume", slots=[{"name": "map", "dtype": "blob"}])
 
 
 def test_output_fields_are_the_v4_minimum_and_configurable(cryosparc_inprocess):

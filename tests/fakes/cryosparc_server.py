@@ -65,6 +65,21 @@ raises as ``cryosparc.errors.APIError`` with ``.code``):
     load_output/load_input slots: "default" = non-passthrough, "passthrough", "all", or names.
     update_event_log edits the event in place (404 for an unknown id).
 
+Strict mode (``strict=True``, the default in the tests), each rule marked by where it comes from:
+    - results are typed: every slot of a volume/mask output is a "blob" result [observed: the client's own
+      test fixtures model a map as OutputResult(name="map", dtype="blob")]; exposure/particle results are
+      typed by their slot name (micrograph_blob, ctf, location, pick_stats, alignments3D) [observed: the
+      client's SlotSpec docstring, cryosparc/spec.py: a string slot is "<slot>" of the known type "<slot>"];
+    - add_external_input refuses a slot type it does not know (422) [guessed: the message and code];
+    - connect takes a result only into a slot of the same type (a required slot left empty: 422)
+      [observed: slots are {"name", "dtype"} pairs, cryosparc/spec.py Slot; the 422 is guessed];
+    - save_output refuses fields the output does not declare, naming them (422), as it refuses missing ones
+      [guessed: the real server is known to 422 on missing required fields; undeclared ones are unknown,
+      so the adapter writes exactly the declared fields in live mode];
+    - status changes: mark_running only from building/running/waiting, mark_completed only from running/
+      waiting, a failed job stays failed (409) [observed: the job states in the client's models; codes guessed].
+    ``strict=False`` keeps the lenient behaviour of before (names matched without types, extra fields kept).
+
 Guessed, not observed on a real v5 server: URL paths, status codes and messages of errors,
 extra fields inside a declared slot being kept while undeclared slots are refused, dtype
 checking on save, the count_min check at start, save file names, the v5 job.json layout.
@@ -208,7 +223,10 @@ class FakeCryoSPARC:
         server_project_dir: str | None = None,
         job_json_layout: str = "v4",
         inprocess_url: str = "http://cryosparc.test:39000",
+        strict: bool = True,
     ):
+        # strict (the default in the tests): typed results and typed connections, as a real server (see the rules)
+        self.strict = strict
         self.project_dir = Path(project_dir)
         self.project_dir.mkdir(parents=True, exist_ok=True)
         # What the server reports as the project directory (may differ from the local mount).
@@ -392,8 +410,16 @@ class FakeCryoSPARC:
         passthrough_slots: Sequence[str] = (),
         parents: Sequence[str] = (),
         job_uid: str | None = None,
+        slot_dtypes: Mapping[str, str] | None = None,
     ) -> SeededJob:
-        """A completed job whose output ``output_name`` holds ``dataset`` (slots = its prefixes)."""
+        """A completed job whose output ``output_name`` holds ``dataset`` (slots = its prefixes). Each result's
+        dtype: ``slot_dtypes[slot]``, else ``blob`` for every slot of a ``volume``/``mask`` output (as the client's
+        own fixtures type a map: ``OutputResult(name="map", dtype="blob")``), else the slot's name."""
+        def dtype_of(slot: str) -> str:
+            if slot_dtypes and slot in slot_dtypes:
+                return slot_dtypes[slot]
+            return "blob" if type in ("volume", "mask") and self.strict else slot
+
         job = self._jobs[job_uid] if job_uid else self._create_job(job_type, workspace_uid, title, "", "completed")
         slots = dataset.prefixes()
         unknown = set(passthrough_slots) - set(slots)
@@ -411,13 +437,14 @@ class FakeCryoSPARC:
             for slot in group:
                 results.append(
                     OutputResult(
-                        name=slot, dtype=slot, versions=[0], metafiles=[rel], num_items=[n], passthrough=passthrough
+                        name=slot, dtype=dtype_of(slot), versions=[0], metafiles=[rel], num_items=[n],
+                        passthrough=passthrough,
                     )
                 )
         job.spec.outputs.root[output_name] = Output(
             type=type,
             title=_title(output_name),
-            slots=[OutputSlot(name=s, dtype=s) for s in slots],
+            slots=[OutputSlot(name=s, dtype=dtype_of(s)) for s in slots],
             results=results,
             num_items=n,
         )
@@ -703,6 +730,9 @@ class FakeCryoSPARC:
         slots = [_input_slot(s) for s in spec.slots]
         if not slots:
             raise FakeAPIError(422, f"Input {name} needs at least one slot")
+        unknown = [sl.dtype for sl in slots if sl.dtype not in self.known_dtypes()]
+        if self.strict and unknown:
+            raise FakeAPIError(422, f"Input {name}: unknown slot type(s) {unknown}; known: {sorted(self.known_dtypes())}")
         job.spec.inputs.root[name] = Input(
             type=spec.type,
             title=spec.title,
@@ -765,6 +795,8 @@ class FakeCryoSPARC:
         missing = []
         for slot in inp.slots:
             res = by_name.get(slot.name) or next((r for r in output.results if r.dtype == slot.dtype), None)
+            if self.strict and res is not None and res.dtype != slot.dtype:
+                res = None  # a result connects only to a slot of its own type
             if res is None:
                 if slot.required:
                     missing.append(slot.name)
@@ -784,6 +816,10 @@ class FakeCryoSPARC:
         self._link(src_uid, job.uid)
         self._touch(job)
         return job
+
+    def known_dtypes(self) -> set[str]:
+        """Result types this server knows (those it declares fields for, and ``blob``)."""
+        return set(self.output_fields) | {"blob"}
 
     def _op_jobs_get_output_fields(self, p, q, body):
         job = self._job(p)
@@ -808,6 +844,9 @@ class FakeCryoSPARC:
         extra = sorted({prefix_of(f) for f in dataset.fields(exclude_uid=True)} - declared)
         if extra:
             raise FakeAPIError(422, f"Output {name} has no slot(s) {extra}; declared: {sorted(declared)}")
+        undeclared = sorted(set(dataset.fields(exclude_uid=True)) - {f for f, _ in expected})
+        if self.strict and undeclared:
+            raise FakeAPIError(422, f"Dataset for output {name} has undeclared field(s) {undeclared}")
         filename = q["filename"] or f"{name}.cs"
         if PurePosixPath(filename).is_absolute() or ".." in PurePosixPath(filename).parts:
             raise FakeAPIError(422, f"filename {filename!r} must be relative to the job directory")

@@ -1,0 +1,72 @@
+"""Picking one micrograph with a trained picker: its particle size in pixels, reading it at the working scale, the
+map centres are found on, and centre finding back to original pixels. Shared by the pipeline (one process) and
+the Dask workers (:mod:`crisp_ext.distributed`)."""
+
+from __future__ import annotations
+
+import numpy as np
+
+from .config import PickerConfig
+from .preprocess import WorkingImage, diameter_in_pixels, load_working
+from .types import Micrograph, Particles
+
+
+def micrograph_pixel_size(mic: Micrograph, cfg: PickerConfig) -> float | None:
+    """The pixel size to use: config override, the record's, or the MRC header's."""
+    if cfg.preprocess.pixel_size:
+        return float(cfg.preprocess.pixel_size)
+    if mic.pixel_size:
+        return float(mic.pixel_size)
+    from .io.mrc import read_info
+
+    return read_info(mic.path).pixel_size
+
+
+def micrograph_diameter(mic: Micrograph, cfg: PickerConfig) -> float:
+    """Particle diameter in original pixels of this micrograph."""
+    ps = None if cfg.particle.diameter_px else micrograph_pixel_size(mic, cfg)
+    return diameter_in_pixels(cfg.particle.diameter_A, cfg.particle.diameter_px, ps, where=str(mic.path))
+
+
+class MicrographLoader:
+    """Reads one micrograph and brings it to the working scale (a picklable callable for DataLoader workers)."""
+
+    def __init__(self, cfg: PickerConfig):
+        self.cfg = cfg
+
+    def __call__(self, mic: Micrograph) -> WorkingImage:
+        ps = micrograph_pixel_size(mic, self.cfg) if self.cfg.particle.diameter_A else (
+            self.cfg.preprocess.pixel_size or mic.pixel_size)
+        diameter = diameter_in_pixels(self.cfg.particle.diameter_A, self.cfg.particle.diameter_px, ps,
+                                      where=str(mic.path))
+        return load_working(mic.path, diameter, self.cfg.preprocess, pixel_size=ps)
+
+
+def map_channel(cfg: PickerConfig) -> int:
+    """The network output channel centres are found on (``centres.map``; ``auto`` not yet resolved: the last)."""
+    return {"segmentation": 0, "centre": 1}.get(cfg.centres.map, cfg.output_channels() - 1)
+
+
+def centre_options(cfg: PickerConfig, diameter_w: float) -> dict:
+    """Edge rule and de-duplication at the working scale, the same for selection and picking."""
+    return {"edge": cfg.centres.edge, "box_px": cfg.centres.box_fraction * diameter_w,
+            "min_distance_px": cfg.centres.min_distance * diameter_w,
+            "refine_sigma_px": cfg.centres.refine * diameter_w}
+
+
+def pick_micrograph(prob: np.ndarray, wi: WorkingImage, mic: Micrograph, diameter_px: float, cfg: PickerConfig,
+                    finder: str, params: dict, threshold: float) -> Particles:
+    """Centres of one probability map in original pixels: find, edge rule, de-duplication, threshold (at the
+    working scale, exactly as on the validation micrographs), best score first."""
+    from .centres.postprocess import pick_centres
+
+    diameter_w = wi.scale.length_to_working(diameter_px)
+    cs = pick_centres(prob, diameter_w, finder, params, threshold, **centre_options(cfg, diameter_w)).sorted()
+    xy = wi.scale.to_original(cs.xy)
+    ny, nx = wi.scale.original_shape
+    # Never a coordinate outside the micrograph (RELION's Extract fails the whole job on one).
+    xy[:, 0] = np.clip(xy[:, 0], 0.0, nx - 1.0)
+    xy[:, 1] = np.clip(xy[:, 1], 0.0, ny - 1.0)
+    return Particles.for_one(mic.id, xy, cs.score)
+
+

@@ -91,6 +91,17 @@ def build_parser() -> argparse.ArgumentParser:
                    help="micrographs: read the mounted project directory, downloading those not found (auto)")
     _add_picker_options(p)
 
+    p = sub.add_parser("record-fixtures", help="record, read-only, a real instance's API shapes for crisp-ext's "
+                                               "test fake (send the folder to the developers)")
+    p.add_argument("--url", help="CryoSPARC web address (default: CRYOSPARC_BASE_URL)")
+    p.add_argument("--email", help="login email (default: CRYOSPARC_EMAIL)")
+    p.add_argument("--password", help="password (default: CRYOSPARC_PASSWORD)")
+    p.add_argument("--password-file", type=Path, help="read the password from this file")
+    p.add_argument("--project", required=True, help="project uid, e.g. P3")
+    p.add_argument("--particles", required=True, metavar="JOB:OUTPUT", help="a particle output, e.g. J12:particles")
+    p.add_argument("--exposures", required=True, metavar="JOB:OUTPUT", help="an exposures output, e.g. J8:exposures")
+    p.add_argument("--out", type=Path, required=True, help="folder to write the recording to")
+
     p = sub.add_parser("offline", help="pick in a cryoSPARC project directory; write a .cs + .csg to import")
     p.add_argument("--project-dir", type=Path, required=True, help="the cryoSPARC project directory (read only)")
     p.add_argument("--out", type=Path, required=True, help="output directory for NAME.cs and NAME.csg")
@@ -108,6 +119,8 @@ def main(argv=None) -> int:
     from crisp_ext.errors import Aborted, InputError
 
     try:
+        if args.command == "record-fixtures":
+            return _record(args)
         return _live(args) if args.command == "live" else _offline(args)
     except InputError as exc:
         _error(str(exc))
@@ -195,6 +208,17 @@ def _live(args) -> int:
         return EXIT_FAILED
     print(f"{run.job_uid}: saved {len(run.particles)} particles on {len(run.result.counts)} micrographs as output "
           f"'particles' of {run.project_uid} {run.job_uid}", flush=True)
+    return 0
+
+
+def _record(args) -> int:
+    from .connect import connect
+    from .record import record_fixtures
+
+    cs = connect(args.url, email=args.email, password=_password(args))
+    files = record_fixtures(cs, args.project, args.out, particles=args.particles, exposures=args.exposures,
+                            base_url=args.url)
+    print(f"recorded {len(files)} file(s) in {args.out}; nothing on the instance was changed", flush=True)
     return 0
 
 

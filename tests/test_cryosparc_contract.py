@@ -9,7 +9,7 @@ from pathlib import Path
 
 import cryosparc
 from cryosparc_scene import DIAMETER_A, TINY, seed_scene  # noqa: F401
-from fakes.cryosparc_server import cryosparc_fake, cryosparc_inprocess  # noqa: F401 (fixtures)
+from fakes.cryosparc_server import cryosparc_fake, cryosparc_inprocess, cryosparc_loopback  # noqa: F401
 
 
 def shipped_api() -> dict[str, dict[str, set[str]]]:
@@ -61,3 +61,31 @@ def test_every_request_of_a_live_run_is_in_the_shipped_api(cryosparc_inprocess, 
     # the run used the operations that matter
     assert {"jobs.create", "jobs.connect", "jobs.save_output", "jobs.mark_completed", "assets.upload",
             "jobs.add_image_log"} <= seen
+
+
+def test_record_fixtures_reads_an_instance_and_the_fake_takes_the_recording(cryosparc_loopback, tmp_path, capsys):
+    """The recorder against the fake over loopback (read-only: no request changes anything), then a new fake
+    built from the recording declares the same fields and version."""
+    from fakes.cryosparc_server import FakeCryoSPARC
+
+    from cryosparc_job.cli import main as cs_main
+
+    fake = cryosparc_loopback
+    fake.output_fields["location"] = fake.output_fields["location"] + [("min_dist_A", "f4")]
+    seed_scene(fake)
+    fake.write_job_json("J2")
+    before = len(fake.jobs)
+    out = tmp_path / "recorded"
+    rc = cs_main(["record-fixtures", "--url", fake.base_url, "--email", fake.email, "--password", fake.password,
+                  "--project", "P1", "--particles", "J2:particles_selected", "--exposures", "J1:exposures",
+                  "--out", str(out)])
+    assert rc == 0, capsys.readouterr().err
+    names = {p.name for p in out.iterdir()}
+    assert {"version.json", "output_fields_particles.json", "output_fields_exposures.json", "job_J2.json"} <= names
+    assert len(fake.jobs) == before
+    writes = [r.summary for r in fake.requests if r.summary and r.summary.split(".")[-1].startswith(
+        ("create", "save", "mark", "add", "update", "connect", "upload"))]
+    assert writes == []  # read-only
+    fresh = FakeCryoSPARC(tmp_path / "other")
+    fresh.load_recording(out)
+    assert ("min_dist_A", "f4") in fresh.output_fields["location"] and fresh.version == fake.version

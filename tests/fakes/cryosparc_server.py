@@ -817,6 +817,24 @@ class FakeCryoSPARC:
         self._touch(job)
         return job
 
+    def load_recording(self, folder: Path | str) -> None:
+        """Take a real instance's shapes recorded by ``crisp-cryosparc record-fixtures``: its version and the fields
+        it declares per slot type (from the particle and exposure outputs it was pointed at)."""
+        folder = Path(folder)
+        version = folder / "version.json"
+        if version.is_file():
+            self.version = json.loads(version.read_text())["server"]
+        for name in ("output_fields_particles.json", "output_fields_exposures.json"):
+            path = folder / name
+            if not path.is_file():
+                continue
+            by_slot: dict[str, list[tuple[str, str]]] = defaultdict(list)
+            for field_name, dtype in json.loads(path.read_text())["fields"]:
+                slot, _, sub = field_name.partition("/")
+                if sub:
+                    by_slot[slot].append((sub, dtype))
+            self.output_fields.update(by_slot)
+
     def known_dtypes(self) -> set[str]:
         """Result types this server knows (those it declares fields for, and ``blob``)."""
         return set(self.output_fields) | {"blob"}
@@ -1347,13 +1365,20 @@ def isolate_client_config(monkeypatch, config_dir: Path) -> None:
     get_default_auth_config_path.cache_clear()
 
 
+# Where a facility's recording goes (tests/fixtures/cryosparc_recorded/); the fake uses it when present.
+RECORDING = Path(__file__).resolve().parents[1] / "fixtures" / "cryosparc_recorded"
+
+
 @pytest.fixture
 def cryosparc_fake(tmp_path, monkeypatch):
     """A FakeCryoSPARC on ``tmp_path/cryosparc-project`` with the client's config dir in tmp."""
     from cryosparc.auth import get_default_auth_config_path
 
     isolate_client_config(monkeypatch, tmp_path / "xdg-config")
-    yield FakeCryoSPARC(tmp_path / "cryosparc-project")
+    fake = FakeCryoSPARC(tmp_path / "cryosparc-project")
+    if RECORDING.is_dir():  # a real instance's shapes, recorded by crisp-cryosparc record-fixtures
+        fake.load_recording(RECORDING)
+    yield fake
     get_default_auth_config_path.cache_clear()
 
 

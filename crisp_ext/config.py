@@ -94,7 +94,7 @@ class LabelConfig:
     ignore_far: float | None = None  # distance (in diameters) beyond which background_weight applies; None = off
     # Centre target: > 0 adds a second output channel trained (this weight times BCE) towards a Gaussian peak at
     # every pick (the maximum over picks, so touching particles keep separate peaks), beside the segmentation;
-    # centres.map chooses the map centres are found on. 0 = one channel. Measured (benchmarks/accuracy.py, test
+    # centres.map chooses the map centres are found on. 0 = one channel (so also with a CRF). Measured (benchmarks/accuracy.py, test
     # F1 at r / r/2, AP; before -> with): EMPIAR-10017 0.875/0.850/0.798 -> 0.885/0.874/0.844, apoferritin (with
     # the edge rule) 0.949/0.944/0.918 -> 0.968/0.960/0.982, crowded simulation 0.937/0.906/0.891 ->
     # 0.968/0.963/0.955, sparse large particles 0.991/0.988/0.984 -> 0.988/0.988/0.977.
@@ -247,14 +247,16 @@ class PickerConfig:
                                 batch_size=8, lr=1e-3,
                                 loss="dice", augment=False, early_stop_patience=20, bf16=False)
         cfg.preprocess = PreprocessConfig(target_diameter_px=108.0, normalise="gmm")
+        cfg.labels = LabelConfig(centre_weight=0.0)  # the published network has one output
         cfg.crf = CRFConfig(kind="cd", solver="fw", theta_alpha=160.0, theta_beta=0.05, theta_gamma=3.0,
                             spatial_weight=1.0, bilateral_weight=1.0, x0_weight=0.5, finetune_epochs=50)
         cfg.predict = PredictConfig(tile=512, overlap=64, bf16=False)
         return cfg
 
     def output_channels(self) -> int:
-        """The network's output channels: the segmentation, and the centre target when it is trained."""
-        return 2 if self.labels.centre_weight > 0 else 1
+        """The network's output channels: the segmentation, and the centre target when it is trained (not with a
+        CRF, which refines the segmentation alone)."""
+        return 2 if self.labels.centre_weight > 0 and self.crf.kind == "none" else 1
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -422,12 +424,9 @@ def validate(cfg: "PickerConfig") -> "PickerConfig":
     if cfg.model.arch in ("unet", "unetplusplus", "manet") and len(cfg.model.decoder_channels) < cfg.model.encoder_depth:
         raise ConfigError(f"config key 'model.decoder_channels' = {cfg.model.decoder_channels}: needs one width per "
                           f"encoder stage (model.encoder_depth = {cfg.model.encoder_depth})")
-    if cfg.centres.map == "centre" and cfg.labels.centre_weight <= 0:
-        raise ConfigError("config key 'centres.map' = 'centre' needs a centre channel: set labels.centre_weight > 0, "
-                          "or centres.map = 'auto'")
-    if cfg.labels.centre_weight > 0 and cfg.crf.kind != "none":
-        raise ConfigError("config keys 'labels.centre_weight' > 0 and 'crf.kind' != 'none' cannot be combined (a "
-                          "centre channel has no CRF); set one of them off")
+    if cfg.centres.map == "centre" and cfg.output_channels() == 1:
+        raise ConfigError("config key 'centres.map' = 'centre' needs a centre channel: labels.centre_weight > 0 and "
+                          "crf.kind = 'none' (the CRF refines the segmentation alone); or centres.map = 'auto'")
     return cfg
 
 

@@ -293,9 +293,6 @@ def train_model(train: list[LabeledImage], val: list[LabeledImage], cfg: PickerC
     out_dir.mkdir(parents=True, exist_ok=True)
     device = resolve_device(tcfg.device)
     threads = configure_threads(tcfg.threads) if device.type == "cpu" else None
-    if cfg.output_channels() > 1 and cfg.crf.kind != "none":
-        raise InputError("labels.centre_weight > 0 (a centre channel) cannot be combined with a CRF; set "
-                         "crf.kind = 'none' or labels.centre_weight = 0")
     loss_fn = _combined_loss(cfg)
     fingerprint = _fingerprint(train, val, cfg)
 
@@ -431,7 +428,7 @@ def _run_epoch(phase: _Phase, epoch: int, sampler: _PatchSampler, per_image: int
         if should_abort is not None and should_abort():
             raise Aborted(f"training stopped on request during {phase.name} epoch {epoch}")
         batch = torch.from_numpy(patches[i:i + tcfg.batch_size]).to(device)
-        x, weight, target = batch[:, 0:1], batch[:, 1:2], batch[:, 2:]
+        x, weight, target = batch[:, 0:1], batch[:, 1:2], batch[:, 2:2 + cfg.output_channels()]
         if channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
         phase.optimizer.zero_grad(set_to_none=True)

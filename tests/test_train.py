@@ -194,8 +194,14 @@ def test_a_centre_channel_is_trained_saved_and_its_peaks_sit_on_the_particles(tm
         cs = pick_centres(predict_map(result.model, it.image, cfg.predict), 12.0, "nms", None, 0.3)
         m = picking_metrics([cs.xy], [cs.score], [it.truth_xy], 3.0)
         assert m.recall >= 0.85 and m.precision >= 0.85, m
-    with pytest.raises(InputError, match="CRF"):
-        bad = tiny_config(epochs=1)
-        bad.labels = LabelConfig(centre_weight=1.0)
-        bad.crf = CRFConfig(kind="standard")
-        train_model(items[:1], [], bad, tmp_path / "bad")
+    # with a CRF (which refines the segmentation alone) the network keeps one output
+    crf = tiny_config(epochs=1)
+    crf.labels = LabelConfig(centre_weight=1.0)
+    crf.crf = CRFConfig(kind="standard", finetune_epochs=1)
+    assert crf.output_channels() == 1
+    assert predict_maps(train_model(items[:1], [], crf, tmp_path / "crf").model, items[2].image,
+                        crf.predict).shape == (1, 80, 80)
+    from crisp_ext.config import ConfigError
+
+    with pytest.raises(ConfigError, match="centres.map"):
+        PickerConfig().updated({"crf.kind": "standard", "centres.map": "centre"})

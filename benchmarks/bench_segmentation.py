@@ -215,7 +215,7 @@ def part_pick(args) -> dict:
     threads = configure_threads(cfg.train.threads)
     files = [p for p, _ in make_micrographs(args.workdir, args.pick, args.size)]
     torch.manual_seed(0)
-    model = build_model(cfg.model).eval()
+    model = build_model(cfg.model, cfg.output_channels()).eval()
     load = _Loader(cfg)
     # breakdown, in this process, on one micrograph (after a warm-up)
     from crisp_ext.io.mrc import read_micrograph
@@ -253,7 +253,7 @@ def part_paper_cpu(args) -> dict:
     threads = configure_threads(cfg.train.threads)
     torch.manual_seed(0)
     with PeakMemory() as mem:
-        model = build_model(cfg.model)
+        model = build_model(cfg.model, cfg.output_channels())
         opt = torch.optim.Adam(model.parameters(), lr=cfg.train.lr)
         loss_fn = build_loss(cfg.train.loss)
         p, b = cfg.train.patch_size, cfg.train.batch_size

@@ -125,6 +125,6 @@ def test_centre_target_peaks_on_each_pick_and_keeps_touching_particles_apart():
     np.testing.assert_allclose(c[31, 20], np.exp(-((20 - 20.3) ** 2 + (31 - 30.6) ** 2) / (2 * sigma ** 2)),
                                rtol=1e-5)
     np.testing.assert_array_equal(centre_map((10, 10), np.zeros((0, 2)), 2.0), 0)
-    assert make_labels((48, 80), centres, 20.0, LabelConfig()).centre is None
+    assert make_labels((48, 80), centres, 20.0, LabelConfig(centre_weight=0.0)).centre is None
     with pytest.raises(InputError, match="centre"):
         make_labels((48, 80), centres, 20.0, LabelConfig(centre_weight=-1.0))

@@ -147,7 +147,7 @@ def test_down_weighted_background_costs_less():
 def test_save_load_gives_identical_predictions(tmp_path):
     cfg = tiny_config()
     torch.manual_seed(2)
-    model = build_model(cfg.model)
+    model = build_model(cfg.model, cfg.output_channels())
     with torch.no_grad():  # make batch-norm statistics non-trivial
         for mod in model.modules():
             if isinstance(mod, torch.nn.BatchNorm2d):

@@ -217,28 +217,43 @@ def pick_chunk(model_ref: tuple, cfg_dict: dict, finder: str, params: dict, thre
     from .picking import MicrographLoader, map_channel, micrograph_diameter, pick_micrograph
     from .predict import predict_map
 
+    from concurrent.futures import ThreadPoolExecutor
+
     model, device = _worker_model(model_ref, threads)
     cfg = PickerConfig.from_dict(cfg_dict)
     loader = MicrographLoader(cfg)
     name = _worker_name()
-    out = []
-    for i, mic in enumerate(mics):
-        t0 = time.perf_counter()
-        try:
-            wi = loader(mic)
-            prob = predict_map(model, wi.image, cfg.predict, device, map_channel(cfg))
-            picks = pick_micrograph(prob, wi, mic, micrograph_diameter(mic, cfg), cfg, finder, params, threshold)
-            if maps and maps[i]:
-                from .io.mrc import write_mrc
 
-                write_mrc(maps[i], prob.astype(np.float32),
-                          pixel_size=(wi.pixel_size / wi.scale.factor) if wi.pixel_size else None)
+    def named(mic, fn, *args):
+        try:
+            return fn(*args)
         except InputError as exc:
             raise InputError(f"{mic.path}: {exc}" if str(mic.path) not in str(exc) else str(exc)) from None
         except Exception as exc:  # noqa: BLE001 - reported by name in the driver
             raise RunFailed(f"{mic.path}: picking failed on worker {name}: {type(exc).__name__}: {_line(exc)}"
                             ) from None
-        out.append((mic.id, picks.xy, picks.score, name, time.perf_counter() - t0))
+
+    def centres(i, mic, wi, prob, t0):
+        picks = pick_micrograph(prob, wi, mic, micrograph_diameter(mic, cfg), cfg, finder, params, threshold)
+        if maps and maps[i]:
+            from .io.mrc import write_mrc
+
+            write_mrc(maps[i], prob.astype(np.float32),
+                      pixel_size=(wi.pixel_size / wi.scale.factor) if wi.pixel_size else None)
+        return (mic.id, picks.xy, picks.score, name, time.perf_counter() - t0)
+
+    # as in one process: the next micrograph is read and centres are found in threads while the network predicts
+    out, pending = [], []
+    with ThreadPoolExecutor(max_workers=2, thread_name_prefix="crisp-worker") as pool:
+        ahead = pool.submit(named, mics[0], loader, mics[0]) if mics else None
+        for i, mic in enumerate(mics):
+            t0 = time.perf_counter()
+            wi = ahead.result()
+            if i + 1 < len(mics):
+                ahead = pool.submit(named, mics[i + 1], loader, mics[i + 1])
+            prob = named(mic, predict_map, model, wi.image, cfg.predict, device, map_channel(cfg))
+            pending.append(pool.submit(named, mic, centres, i, mic, wi, prob, t0))
+        out = [f.result() for f in pending]
     return out
 
 

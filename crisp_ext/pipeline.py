@@ -431,8 +431,11 @@ def pick(
     overlays = 0
     loader = MicrographLoader(cfg)
 
+    arrivals: list[float] = []
+
     def done(i: int, mic: Micrograph, picks: Particles, wi: WorkingImage | None, where: str = "") -> None:
         nonlocal overlays
+        arrivals.append(time.perf_counter())
         if overlays < 3:
             plots.append(_overlay(work_dir, mic, wi or loader(mic), picks, micrograph_diameter(mic, cfg)))
             overlays += 1
@@ -481,6 +484,8 @@ def pick(
                 done(k, *queue.popleft().result())
                 k += 1
     timings["pick"] = time.perf_counter() - t0
+    if len(arrivals) > 1:  # steady state: start-up (a cluster, model loading) left out
+        timings["pick_steady_s_per_mic"] = (arrivals[-1] - arrivals[0]) / (len(arrivals) - 1)
     order = {m.id: i for i, m in enumerate(todo)}  # the micrographs' order, whichever worker finished first
     all_picks.sort(key=lambda p: order.get(p.micrograph[0], -1) if len(p) else -1)
     picks = Particles.concat(all_picks) if all_picks else Particles.empty(with_score=True)

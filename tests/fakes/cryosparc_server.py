@@ -76,8 +76,9 @@ Strict mode (``strict=True``, the default in the tests), each rule marked by whe
     - save_output refuses fields the output does not declare, naming them (422), as it refuses missing ones
       [guessed: the real server is known to 422 on missing required fields; undeclared ones are unknown,
       so the adapter writes exactly the declared fields in live mode];
-    - status changes: mark_running only from building/running/waiting, mark_completed only from running/
-      waiting, a failed job stays failed (409) [observed: the job states in the client's models; codes guessed].
+    - status changes: mark_running only from building/running/waiting (a failed or completed job must be
+      cleared first), mark_completed only from running/waiting, or failed/killed (409) [observed: the job
+      states in the client's models; the codes and the failed -> completed allowance guessed].
     ``strict=False`` keeps the lenient behaviour of before (names matched without types, extra fields kept).
 
 Guessed, not observed on a real v5 server: URL paths, status codes and messages of errors,

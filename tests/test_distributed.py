@@ -284,3 +284,56 @@ def test_crisp_cryosparc_offline_workers_give_the_single_process_picks(tmp_path,
     a, b = (Dataset.load(tmp_path / d / "crisp_particles.cs") for d in ("ref", "two"))
     for f in ("location/micrograph_uid", "location/center_x_frac", "location/center_y_frac", "pick_stats/ncc_score"):
         assert np.array_equal(np.asarray(a[f]), np.asarray(b[f])), f
+
+
+QUEUE_TEMPLATE = """#!/bin/bash
+#SBATCH --partition=XXXqueueXXX
+#SBATCH --ntasks=XXXmpinodesXXX
+#SBATCH --cpus-per-task=XXXthreadsXXX
+#SBATCH --output=XXXoutfileXXX
+#SBATCH --error=XXXerrfileXXX
+XXXcommandXXX
+"""
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(shutil.which("relion_pipeliner") is None, reason="RELION (relion_pipeliner) absent")
+def test_relion_submits_crisp_relion_to_slurm_and_extract_takes_its_output(slurm, tmp_path):
+    """RELION's own "Submit to queue": relion_pipeliner fills the README's template, sbatch runs crisp-relion on the
+    SLURM node, and RELION's Extract reads the coordinates it wrote."""
+    import sys
+
+    import relion_synth as rs
+    from test_relion_pipeliner import _add, _job_log, _pipeliner, _status
+
+    root = tmp_path / "project"
+    project = rs.simulate(root, n_mics=3, shape=(256, 256), mic_dir="Raw", seed=5)
+    rs.write_particles_star(project, "Select/job010/particles.star", on=project.names[:2])
+    (root / "default_pipeline.star").write_text("# version 30001\n\ndata_pipeline_general\n\n"
+                                                "_rlnPipeLineJobCounter 1\n")
+    template = tmp_path / "slurm_template.sh"
+    template.write_text(QUEUE_TEMPLATE)
+    exe = shutil.which("crisp-relion") or str(Path(sys.executable).parent / "crisp-relion")
+    _add(root, "Import", do_raw="Yes", fn_in_raw="Raw/*.mrc", is_multiframe="No", angpix=str(rs.PIXEL_SIZE), kV="300",
+         Cs="2.7", Q0="0.1", optics_group_name="opticsGroup1")
+    _add(root, "External", fn_exe=exe, in_mic="Import/job001/micrographs.star", in_part="Select/job010/particles.star",
+         param1_label="diameter", param1_value=str(rs.DIAMETER_A), param2_label="set", param2_value=rs.TINY_SETTINGS,
+         nr_threads="1", do_queue="Yes", queuename="debug", qsub="sbatch", qsubscript=str(template),
+         min_dedicated="1")
+    _add(root, "Extract", star_mics="Import/job001/micrographs.star",
+         coords_suffix="External/job002/coords_suffix_autopick.star", extract_size="40", do_invert="Yes",
+         do_norm="Yes", bg_diameter="30", nr_mpi="1")
+    out = _pipeliner(root, "--RunJobs", "Import/job001/ External/job002/ Extract/job003/ ", "--sec_wait_after", "1",
+                     timeout=300)
+    status = _status(root)
+    job = root / "External/job002"
+    assert (job / "run_submit.script").is_file() and "crisp-relion" in (job / "run_submit.script").read_text()
+    assert status.get("External/job002/") == 2, _job_log(root, "External/job002/") + out[-2000:]
+    assert (job / "RELION_JOB_EXIT_SUCCESS").exists()
+    assert status.get("Extract/job003/") == 2, _job_log(root, "Extract/job003/") + out[-2000:]
+    written = sum(len(read_coordinates(f)) for f in job.rglob("*_autopick.star")
+                  if not f.name.startswith("coords_suffix"))
+    import starfile
+
+    extracted = starfile.read(root / "Extract/job003/particles.star", always_dict=True)["particles"]
+    assert written > 0 and len(extracted) == written

@@ -62,14 +62,18 @@ def main(argv=None) -> int:
     ap.add_argument("--model", type=Path, required=True)
     ap.add_argument("--mics", type=Path, default=ROOT.parent / "shared/data/empiar10017/micrographs")
     ap.add_argument("--n", type=int, default=20, help="micrographs to pick (the first N)")
+    ap.add_argument("--repeat", type=int, default=1, help="link each micrograph this many times under other names "
+                                                          "(a longer run: start-up weighs less)")
     ap.add_argument("--configs", default="one:1,dask:1x1,dask:2x1,one:2")
     ap.add_argument("--out", type=Path, default=Path("bench_out/distributed"))
     args = ap.parse_args(argv)
     mics = args.out / "mics"
     mics.mkdir(parents=True, exist_ok=True)
     for src in sorted(args.mics.glob("*.mrc"))[: args.n]:
-        if not (mics / src.name).exists():
-            os.symlink(src.resolve(), mics / src.name)
+        for k in range(args.repeat):
+            name = src.name if k == 0 else f"{src.stem}_copy{k}{src.suffix}"
+            if not (mics / name).exists():
+                os.symlink(src.resolve(), mics / name)
     rows, reference = [], None
     for kind in args.configs.split(","):
         out = args.out / kind.replace(":", "_")

@@ -284,7 +284,8 @@ def _train(micrographs, by_id, particles: Particles, cfg: PickerConfig, work_dir
         if len(tried) > 1:
             progress(ProgressEvent("select", message=f"{name} map: {sel.finder}, validation score "
                                                      f"{sel.best.score:.3f}"))
-        if selection is None or sel.best.score > selection.best.score:
+        margin = cfg.centres.map_margin if name == "centre" and chosen == "segmentation" else 0.0
+        if selection is None or sel.best.score > selection.best.score + margin:
             selection, chosen = sel, name
     cfg = cfg.updated({"centres.map": chosen})
     val_maps = [c[names.index(chosen)] for c in val_channels]

@@ -1,7 +1,7 @@
 """Picking accuracy across kinds of data: every scene trained and picked with the defaults and with each candidate.
 
-    python benchmarks/accuracy.py [--scenes empiar10017,apoferritin,crowded,sparse_large]
-        [--candidates default,disk05,centre] [--threads 2] [--out bench_out/accuracy] [--fresh]
+    python benchmarks/accuracy.py [--scenes empiar10017,apoferritin,crowded,crowded_noisy,sparse_large]
+        [--candidates before,default] [--set NAME:KEY=VALUE] [--threads 2] [--out bench_out/accuracy] [--fresh]
 
 Scenes (train / validation / test micrographs):
 - ``empiar10017``: ../shared/data/empiar10017, β-gal, 27 px, crowded, CryoPPP picks; the README's 4 / 2 / 14.
@@ -201,7 +201,7 @@ def table(rows: list[dict]) -> str:
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--scenes", default=",".join(SCENES))
-    ap.add_argument("--candidates", default="default,disk05,centre")
+    ap.add_argument("--candidates", default="before,default")
     ap.add_argument("--set", action="append", default=[], metavar="NAME:KEY=VALUE",
                     help="define or extend a candidate, e.g. --set mine:labels.disk_fraction=0.7")
     ap.add_argument("--threads", type=int, default=2)

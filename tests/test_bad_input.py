@@ -257,12 +257,12 @@ def test_a_run_killed_mid_write_leaves_nothing_that_breaks_the_next_command(proj
     out = tmp_path / "out"
     argv = ["pick", "--mics", project.mics, "--model", trained.model, "--out", out, *common(project)]
     proc = subprocess.Popen([sys.executable, "-c", KILLER, *map(str, argv)], stdout=subprocess.DEVNULL,
-                            stderr=subprocess.PIPE)
+                            stderr=subprocess.PIPE, start_new_session=True)
     deadline = time.time() + 120
     while time.time() < deadline and not list((out / "coordinates").glob(".mic003*.tmp*")):
         time.sleep(0.05)
         assert proc.poll() is None, proc.stderr.read()
-    proc.send_signal(signal.SIGKILL)
+    os.killpg(proc.pid, signal.SIGKILL)  # the run and its reader process, as a scheduler kills a job
     proc.wait(30)
     assert list((out / "coordinates").glob(".mic003*.tmp*"))  # what SIGKILL leaves
     # evaluate and train --picks on that folder never see the temporary file

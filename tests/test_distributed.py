@@ -195,6 +195,12 @@ def slurm(tmp_path_factory):
         yield env
     finally:
         subprocess.run(["scancel", "--user", "root"], env=env, capture_output=True)
+        deadline = time.time() + 30  # let the cancelled jobs' step daemons end before slurmd goes
+        while time.time() < deadline:
+            out = subprocess.run(["squeue", "-h"], env=env, capture_output=True, text=True)
+            if out.returncode != 0 or not out.stdout.strip():
+                break
+            time.sleep(0.5)
         for p in reversed(procs):
             p.send_signal(signal.SIGTERM)
         for p in reversed(procs):

@@ -112,6 +112,9 @@ def load_model_dir(path: str | Path, device: torch.device | str | None = None) -
     except (ValueError, OSError) as exc:
         raise InputError(f"{path / 'config.toml'}: cannot use it ({exc}); the model directory is damaged or from "
                          f"an incompatible crisp-ext") from None
+    if "centre_weight" not in (path / "config.toml").read_text():
+        # saved before the centre channel existed: its network has the segmentation output alone
+        cfg.labels.centre_weight = 0.0
     device = resolve_device(device) if isinstance(device, str) or device is None else torch.device(device)
     # The weights file holds every tensor: do not fetch or read encoder weights again (the path may not exist here).
     model = build_model(replace(cfg.model, encoder_weights=None), cfg.output_channels())

@@ -194,3 +194,21 @@ def test_batch_norm_momentum_is_set_everywhere_unless_zero():
     assert bns(model) and all(b.momentum == 0.25 for b in bns(model))
     kept = build_model(ModelConfig(**TINY, bn_momentum=0.0))
     assert all(b.momentum == 0.1 for b in bns(kept))  # the encoder's own (PyTorch default here)
+
+
+def test_a_model_saved_before_the_centre_channel_still_loads(tmp_path):
+    """A config.toml without labels.centre_weight comes from a crisp-ext that had one output channel: it loads as
+    such (the default is now a centre channel), with identical predictions."""
+    cfg = tiny_config()
+    cfg.labels.centre_weight = 0.0
+    torch.manual_seed(3)
+    model = build_model(cfg.model, cfg.output_channels()).eval()
+    image = np.random.default_rng(1).normal(size=(64, 64)).astype(np.float32)
+    before = predict_map(model, image, cfg.predict)
+    save_model_dir(tmp_path / "old", model, cfg, {"diameter_px": 27.0})
+    config = tmp_path / "old" / "config.toml"
+    config.write_text("\n".join(line for line in config.read_text().splitlines()
+                                if not line.startswith(("centre_weight", "centre_sigma", "map"))) + "\n")
+    loaded = load_model_dir(tmp_path / "old", device="cpu")
+    assert loaded.config.output_channels() == 1
+    np.testing.assert_array_equal(predict_map(loaded.model, image, loaded.config.predict), before)

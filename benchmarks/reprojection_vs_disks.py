@@ -70,7 +70,7 @@ def config(kind: str, epochs: int, threads: int, seed: int):
 
 def evaluate(picker, mics, sims, cfg) -> dict:
     from crisp_ext.metrics import picking_metrics, pooled_pixel_metrics
-    from crisp_ext.pipeline import MicrographLoader, pick_micrograph
+    from crisp_ext.picking import MicrographLoader, pick_micrograph
     from crisp_ext.predict import predict_map
 
     loader = MicrographLoader(picker.config)

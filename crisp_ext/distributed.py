@@ -23,7 +23,6 @@ import hashlib
 import math
 import os
 import re
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterator, Sequence
@@ -211,13 +210,13 @@ def _worker_model(model_ref: tuple, threads: int):
 
 def pick_chunk(model_ref: tuple, cfg_dict: dict, finder: str, params: dict, threshold: float, mics: list,
                threads: int, maps: list | None) -> list[tuple]:
-    """Pick ``mics`` in a worker: ``[(micrograph id, xy, score, worker name, seconds), ...]``. An error names the
+    """Pick ``mics`` in a worker: ``[(micrograph id, xy, score, worker name), ...]``. An error names the
     micrograph it happened on."""
     from .config import PickerConfig
-    from .picking import MicrographLoader, map_channel, micrograph_diameter, pick_micrograph
-    from .predict import predict_map
-
     from concurrent.futures import ThreadPoolExecutor
+
+    from .picking import MicrographLoader, map_channel, pick_and_save_map
+    from .predict import predict_map
 
     model, device = _worker_model(model_ref, threads)
     cfg = PickerConfig.from_dict(cfg_dict)
@@ -233,28 +232,21 @@ def pick_chunk(model_ref: tuple, cfg_dict: dict, finder: str, params: dict, thre
             raise RunFailed(f"{mic.path}: picking failed on worker {name}: {type(exc).__name__}: {_line(exc)}"
                             ) from None
 
-    def centres(i, mic, wi, prob, t0):
-        picks = pick_micrograph(prob, wi, mic, micrograph_diameter(mic, cfg), cfg, finder, params, threshold)
-        if maps and maps[i]:
-            from .io.mrc import write_mrc
-
-            write_mrc(maps[i], prob.astype(np.float32),
-                      pixel_size=(wi.pixel_size / wi.scale.factor) if wi.pixel_size else None)
-        return (mic.id, picks.xy, picks.score, name, time.perf_counter() - t0)
+    def centres(i, mic, wi, prob):
+        picks = pick_and_save_map(prob, wi, mic, cfg, finder, params, threshold, maps[i] if maps else None)
+        return (mic.id, picks.xy, picks.score, name)
 
     # as in one process: the next micrograph is read and centres are found in threads while the network predicts
-    out, pending = [], []
+    pending = []
     with ThreadPoolExecutor(max_workers=2, thread_name_prefix="crisp-worker") as pool:
         ahead = pool.submit(named, mics[0], loader, mics[0]) if mics else None
         for i, mic in enumerate(mics):
-            t0 = time.perf_counter()
             wi = ahead.result()
             if i + 1 < len(mics):
                 ahead = pool.submit(named, mics[i + 1], loader, mics[i + 1])
             prob = named(mic, predict_map, model, wi.image, cfg.predict, device, map_channel(cfg))
-            pending.append(pool.submit(named, mic, centres, i, mic, wi, prob, t0))
-        out = [f.result() for f in pending]
-    return out
+            pending.append(pool.submit(named, mic, centres, i, mic, wi, prob))
+        return [f.result() for f in pending]
 
 
 def _worker_name() -> str:
@@ -319,7 +311,7 @@ def pick_distributed(picker, todo: Sequence, placement: Placement, *, map_path: 
                     raise RunFailed("the Dask scheduler cancelled the picking (lost scheduler?)") from None
                 except Exception as exc:  # KilledWorker, lost scheduler, communication errors
                     raise RunFailed(f"picking on Dask failed: {type(exc).__name__}: {_line(exc)}") from None
-                for mid, xy, score, worker, _ in rows:
+                for mid, xy, score, worker in rows:
                     yield by_id[mid], xy, score, worker
         finally:
             for f in futures:

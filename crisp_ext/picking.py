@@ -4,6 +4,8 @@ the Dask workers (:mod:`crisp_ext.distributed`)."""
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 
 from .config import PickerConfig
@@ -70,3 +72,16 @@ def pick_micrograph(prob: np.ndarray, wi: WorkingImage, mic: Micrograph, diamete
     return Particles.for_one(mic.id, xy, cs.score)
 
 
+
+
+def pick_and_save_map(prob: np.ndarray, wi: WorkingImage, mic: Micrograph, cfg: PickerConfig, finder: str,
+                      params: dict, threshold: float, map_file: str | Path | None = None) -> Particles:
+    """:func:`pick_micrograph` at this micrograph's particle size, and the map written as MRC (working scale) to
+    ``map_file`` when one is given: one micrograph's picking, in one process or on a Dask worker alike."""
+    picks = pick_micrograph(prob, wi, mic, micrograph_diameter(mic, cfg), cfg, finder, params, threshold)
+    if map_file:
+        from .io.mrc import write_mrc
+
+        write_mrc(map_file, prob.astype(np.float32),
+                  pixel_size=(wi.pixel_size / wi.scale.factor) if wi.pixel_size else None)
+    return picks

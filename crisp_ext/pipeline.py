@@ -37,7 +37,7 @@ from .config import PickerConfig
 from .errors import Aborted, InputError
 from .footprints import FootprintMaker, ReferenceMask, plot_footprints, resolve_label_kind
 from .picking import (MicrographLoader, centre_options, map_channel, micrograph_diameter,  # noqa: F401 (re-exported)
-                      micrograph_pixel_size, pick_micrograph)
+                      micrograph_pixel_size, pick_and_save_map)
 from .preprocess import WorkingImage, check_particle_fits
 from .progress import ProgressCallback, ProgressEvent, silent
 from .types import Micrograph, Particles, micrographs_by_id
@@ -133,13 +133,13 @@ def check_training_picks(micrographs: Sequence[Micrograph], particles: Particles
                 worst = (float(out[k]), mic.name, float(x[k]), float(y[k]), nx, ny)
         if cfg.particle.diameter_A or cfg.particle.diameter_px:
             half = 0.5 * cfg.centres.box_fraction * micrograph_diameter(mic.with_(shape=(ny, nx)), cfg)
-            near_edge += int((inside & ((x < half) | (x > nx - half) | (y < half) | (y > ny - half))).sum())
+            near_edge += int((inside & _near_edge(x, y, (ny, nx), half)).sum())
     n_out = int((~keep).sum())
     if n_out:
         where = (f"e.g. ({worst[2]:.0f}, {worst[3]:.0f}) on {worst[1]}, which is {worst[4]}×{worst[5]} px")
         cause = ("coordinates in another binning, y measured from the other edge (--flip-y), or a wrong pixel size "
                  "in the particles' STAR")
-        if n_out * 2 > len(particles) or n_out == len(particles):
+        if n_out * 2 > len(particles):  # most (or all) of them
             raise InputError(f"{n_out} of {len(particles)} training picks lie outside their micrograph ({where}): "
                              f"likely {cause}; fix the coordinates before training")
         progress(ProgressEvent("warning", message=f"{n_out} of {len(particles)} training picks lie outside their "
@@ -150,6 +150,12 @@ def check_training_picks(micrographs: Sequence[Micrograph], particles: Particles
     return particles.subset(keep) if n_out else particles
 
 
+def _near_edge(x: np.ndarray, y: np.ndarray, shape: tuple[int, int], half_box: float) -> np.ndarray:
+    """Which centres lie within ``half_box`` of the edge of a micrograph of ``shape`` (ny, nx)."""
+    ny, nx = shape
+    return (x < half_box) | (x > nx - half_box) | (y < half_box) | (y > ny - half_box)
+
+
 def choose_edge_rule(items, diameters_w: Sequence[float], box_fraction: float) -> tuple[str, str]:
     """``keep`` when the curated picks (``items``: labelled micrographs at the working scale) include particles within
     half a box of the edge at least half as often as their density predicts, else ``drop``; and why (a log line)."""
@@ -157,10 +163,9 @@ def choose_edge_rule(items, diameters_w: Sequence[float], box_fraction: float) -
     for item, d in zip(items, diameters_w):
         ny, nx = item.image.shape
         h = 0.5 * box_fraction * d
-        x, y = item.truth_xy[:, 0], item.truth_xy[:, 1]
-        seen += float(((x < h) | (x > nx - h) | (y < h) | (y > ny - h)).sum())
+        seen += float(_near_edge(item.truth_xy[:, 0], item.truth_xy[:, 1], (ny, nx), h).sum())
         band = 1.0 - max(0.0, nx - 2 * h) * max(0.0, ny - 2 * h) / float(nx * ny)
-        expected += band * len(x)
+        expected += band * len(item.truth_xy)
     if expected <= 0:
         return "drop", "edge rule drop (no picks to judge by)"
     ratio = seen / expected
@@ -258,18 +263,13 @@ def _train(micrographs, by_id, particles: Particles, cfg: PickerConfig, work_dir
     # Centre finder and threshold, chosen on the *predicted* maps of the validation micrographs.
     t0 = time.perf_counter()
     progress(ProgressEvent("select", message="choosing the centre finder on the validation micrographs"))
-    val_channels, val_truth, val_diam = [], [], []
-    for mid in val:
-        item = prepared[mid][0]
-        val_channels.append(predict_maps(result.model, item.image, cfg.predict))
-        val_truth.append(item.truth_xy)
-        val_diam.append(prepared[mid][1].scale.length_to_working(micrograph_diameter(by_id[mid], cfg)))
-    diameter_w = float(np.median(val_diam))
+    diam_w = {m: prepared[m][1].scale.length_to_working(micrograph_diameter(by_id[m], cfg)) for m in prepared}
+    val_channels = [predict_maps(result.model, prepared[m][0].image, cfg.predict) for m in val]
+    val_truth = [prepared[m][0].truth_xy for m in val]
+    diameter_w = float(np.median([diam_w[m] for m in val]))
     if cfg.centres.edge == "auto":
-        ids = list(dict.fromkeys(train + val))
-        edge, why = choose_edge_rule([prepared[m][0] for m in ids],
-                                     [prepared[m][1].scale.length_to_working(micrograph_diameter(by_id[m], cfg))
-                                      for m in ids], cfg.centres.box_fraction)
+        edge, why = choose_edge_rule([prepared[m][0] for m in prepared], [diam_w[m] for m in prepared],
+                                     cfg.centres.box_fraction)
         cfg = cfg.updated({"centres.edge": edge})
         progress(ProgressEvent("select", message=why))
     finders = ("nms", "trackpy", "morphology") if cfg.centres.finder == "auto" else (cfg.centres.finder,)
@@ -426,11 +426,14 @@ def pick(
     if skipped:
         progress(ProgressEvent("pick", message=f"{len(skipped)} micrograph(s) already done, skipped"))
     t0 = time.perf_counter()
-    all_picks: list[Particles] = []
+    by_mic: dict[str, Particles] = {}
     counts: dict[str, int] = {}
     plots: list[Path] = list(picker.plots)
     overlays = 0
     loader = MicrographLoader(cfg)
+
+    def map_file(mic: Micrograph) -> Path:
+        return Path(map_path(mic)) if map_path else work_dir / "maps" / f"{mic.name}_probability.mrc"
 
     arrivals: list[float] = []
 
@@ -442,7 +445,7 @@ def pick(
             overlays += 1
         if on_picked:
             on_picked(mic, picks)
-        all_picks.append(picks)
+        by_mic[mic.id] = picks
         counts[mic.id] = len(picks)
         progress(ProgressEvent("pick", i + 1, len(todo), f"{mic.name}: {len(picks)} picks{where}"))
         if should_abort():
@@ -451,8 +454,7 @@ def pick(
     if placement is not None and todo:
         from .distributed import pick_distributed
 
-        stream = pick_distributed(picker, todo, placement, map_path=lambda m: map_path(m) if map_path else
-                                  work_dir / "maps" / f"{m.name}_probability.mrc", should_abort=should_abort,
+        stream = pick_distributed(picker, todo, placement, map_path=map_file, should_abort=should_abort,
                                   say=lambda text: progress(ProgressEvent("pick", message=text)))
         for i, (mic, xy, score, worker) in enumerate(stream):
             done(i, mic, Particles.for_one(mic.id, xy, score), None, f" (worker {worker})")
@@ -461,14 +463,8 @@ def pick(
         from concurrent.futures import ThreadPoolExecutor
 
         def centres(mic: Micrograph, wi: WorkingImage, prob: np.ndarray):
-            picks = pick_micrograph(prob, wi, mic, micrograph_diameter(mic, cfg), cfg, picker.finder,
-                                    picker.params, picker.threshold)
-            if cfg.predict.save_maps:
-                from .io.mrc import write_mrc
-
-                target = map_path(mic) if map_path else work_dir / "maps" / f"{mic.name}_probability.mrc"
-                write_mrc(target, prob.astype(np.float32),
-                          pixel_size=(wi.pixel_size / wi.scale.factor) if wi.pixel_size else None)
+            picks = pick_and_save_map(prob, wi, mic, cfg, picker.finder, picker.params, picker.threshold,
+                                      map_file(mic) if cfg.predict.save_maps else None)
             return mic, picks, wi
 
         # Reading runs ahead in a loader process, and centre finding of one micrograph in a thread while the
@@ -487,9 +483,9 @@ def pick(
     timings["pick"] = time.perf_counter() - t0
     if len(arrivals) > 1:  # steady state: start-up (a cluster, model loading) left out
         timings["pick_steady_s_per_mic"] = (arrivals[-1] - arrivals[0]) / (len(arrivals) - 1)
-    order = {m.id: i for i, m in enumerate(todo)}  # the micrographs' order, whichever worker finished first
-    all_picks.sort(key=lambda p: order.get(p.micrograph[0], -1) if len(p) else -1)
-    picks = Particles.concat(all_picks) if all_picks else Particles.empty(with_score=True)
+    # in the micrographs' order, whichever worker finished first
+    done_picks = [by_mic[m.id] for m in todo if m.id in by_mic]
+    picks = Particles.concat(done_picks) if done_picks else Particles.empty(with_score=True)
     if len(picks):
         plots.append(_score_histogram(work_dir, picks.score, picker.threshold))
     progress(ProgressEvent("done", message=f"{len(picks)} particles on {len(counts)} micrograph(s)"))

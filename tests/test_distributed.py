@@ -18,19 +18,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 from test_cli import NAMES, common, project, trained  # noqa: F401 (fixtures)
+from test_cli import cli as run_cli
 
-from crisp_ext.cli import main
 from crisp_ext.errors import InputError
 from crisp_ext.io.coords import read_coordinates
 
 pytestmark = pytest.mark.usefixtures("keep_torch_threads")
-
-
-def run_cli(argv) -> tuple[int, str, str]:
-    out, err = io.StringIO(), io.StringIO()
-    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
-        rc = main([str(a) for a in argv])
-    return rc, out.getvalue(), err.getvalue()
 
 
 def coordinates(folder: Path) -> dict:

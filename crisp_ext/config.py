@@ -100,6 +100,9 @@ class LabelConfig:
     # 0.968/0.963/0.955, sparse large particles 0.991/0.988/0.984 -> 0.988/0.988/0.977.
     centre_weight: float = 1.0
     centre_sigma: float = 0.1  # width (standard deviation) of the centre target's peaks, in diameters
+    # The fraction of the training micrographs' particles that the picks leave out, for train.loss terms "nnpu"
+    # (positive-unlabelled BCE): its class prior is the unpicked particles' share of the unlabelled pixels.
+    unpicked_fraction: float = 0.0
     threshold: str = "li"  # reprojection: li | otsu | yen | triangle | mean | fraction
     threshold_fraction: float = 0.1  # used when threshold == "fraction"
 
@@ -147,7 +150,7 @@ class TrainConfig:
     seed: int = 0  # patches, augmentation and initial weights; the same seed gives the same model on one machine
     device: str = "auto"  # auto | cpu | cuda | cuda:N
     threads: int | None = None  # CPU threads; None = all cores
-    bf16: bool = True  # bf16 autocast on CPU / CUDA where supported
+    bf16: bool = True  # bf16 autocast on CUDA with bf16 and on CPUs with native bf16 (else float32)
     channels_last: bool = True  # NHWC memory format (faster convolutions on CPU)
     monitor: str = "iou"  # validation metric for early stopping / best epoch: iou | f1 | dice (soft Dice)
     val_every: int = 1  # validate on whole micrographs every this many epochs (and after the last)
@@ -199,7 +202,7 @@ class PredictConfig:
     tta: int = 1
     save_maps: bool = False  # write probability maps as MRC next to the picks
     workers: int = 1  # DataLoader workers reading and preprocessing the next micrographs
-    bf16: bool = True  # bf16 autocast (CPU, or CUDA with bf16): 2-3x faster on CPU, probabilities within ~1e-2
+    bf16: bool = True  # bf16 autocast (CPU with native bf16, or CUDA with bf16): 2-3x faster there, probabilities within ~1e-2
     channels_last: bool = True  # NHWC memory format (faster convolutions on CPU)
 
 
@@ -370,7 +373,7 @@ SCHEMA: dict[str, dict[str, Rule]] = {
     "labels": {"kind": Rule(choices=("auto", "disk", "reprojection")), "disk_fraction": Rule(low=0, high=2,
                open_low=True), "ignore_band": _at_least(0, 2), "background_weight": _at_least(0, 1),
                "ignore_far": _at_least(0), "centre_weight": _at_least(0), "centre_sigma": Rule(low=0, high=1,
-               open_low=True), "threshold": Rule(choices=("li", "otsu", "yen", "triangle", "mean", "fraction")),
+               open_low=True), "unpicked_fraction": Rule(low=0, high=0.95), "threshold": Rule(choices=("li", "otsu", "yen", "triangle", "mean", "fraction")),
                "threshold_fraction": Rule(low=0, high=1, open_low=True)},
     "model": {"arch": Rule(choices=ARCHS), "encoder_depth": _at_least(3, 5),
               "decoder_channels": Rule(items=_at_least(1)), "bn_momentum": _at_least(0, 1)},

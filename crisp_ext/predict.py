@@ -10,6 +10,7 @@ constant map stays constant up to the image edge, where the original code faded 
 from __future__ import annotations
 
 import contextlib
+import functools
 import math
 from typing import Callable, Iterable, Iterator, TypeVar
 
@@ -55,11 +56,24 @@ def model_device(model: nn.Module) -> torch.device:
     return p.device if p is not None else torch.device("cpu")
 
 
+@functools.lru_cache(maxsize=1)
+def cpu_has_fast_bf16() -> bool:
+    """Whether this CPU computes bf16 convolutions natively (oneDNN's check: AVX-512 BF16 / AMX and the like).
+    Without it, bf16 autocast is emulated and ~10x *slower* than float32 (measured on an AVX2 EPYC: a training step
+    of the default network 21 s instead of 2.1 s)."""
+    try:
+        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    except (AttributeError, RuntimeError):
+        return False
+
+
 def autocast_context(device: torch.device, bf16: bool):
-    """bf16 autocast where it helps (CPU, CUDA with bf16 support), else a no-op context."""
+    """bf16 autocast where it helps (a CPU with native bf16, CUDA with bf16 support), else a no-op context."""
     if not bf16:
         return contextlib.nullcontext()
     if device.type == "cuda" and not torch.cuda.is_bf16_supported():
+        return contextlib.nullcontext()
+    if device.type == "cpu" and not cpu_has_fast_bf16():
         return contextlib.nullcontext()
     if device.type not in ("cpu", "cuda"):
         return contextlib.nullcontext()

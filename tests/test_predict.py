@@ -74,6 +74,20 @@ def test_bf16_prediction_stays_close():
     np.testing.assert_allclose(fast, 1 / (1 + np.exp(-image)), atol=2e-2)
 
 
+def test_bf16_autocast_only_where_the_cpu_computes_it_natively(monkeypatch):
+    import contextlib
+
+    from crisp_ext import predict
+
+    cpu = torch.device("cpu")
+    monkeypatch.setattr(predict, "cpu_has_fast_bf16", lambda: False)  # emulated bf16 is ~10x slower than float32
+    assert isinstance(predict.autocast_context(cpu, True), contextlib.nullcontext)
+    monkeypatch.setattr(predict, "cpu_has_fast_bf16", lambda: True)
+    ctx = predict.autocast_context(cpu, True)
+    assert isinstance(ctx, torch.autocast) and ctx.fast_dtype == torch.bfloat16
+    assert isinstance(predict.autocast_context(cpu, False), contextlib.nullcontext)
+
+
 def _working(value: float) -> WorkingImage:
     scale = Scale(0.5, 0.5, 0.0, 0.0, (80, 100), (40, 50))
     return WorkingImage(np.full((40, 50), value, np.float32), scale, 2.0)

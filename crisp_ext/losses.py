@@ -2,13 +2,20 @@
 
 ``build_loss(spec)`` returns ``loss(logits, target, weight) -> scalar``; ``logits``, ``target`` and ``weight`` are
 ``(B, 1, H, W)``, the weight is >= 0 with 0 = ignored pixel. ``spec`` is one name or a weighted sum:
-``"dice"``, ``"dice+bce"``, ``"0.5*dice+focal"``. Names: dice, jaccard, tversky, lovasz, bce, focal.
+``"dice"``, ``"dice+bce"``, ``"0.5*dice+focal"``. Names: dice, jaccard, tversky, lovasz, bce, focal, nnpu.
 
 How the weight enters: pixel losses (bce, focal) are weighted means. Region losses (dice, jaccard, tversky) get
 the probability multiplied by the weight and the target zeroed where the weight is 0, so an ignored pixel adds
 nothing and a down-weighted background pixel adds only ``weight * p`` to the false positives; this is the exact
 weighted score when foreground weights are 0 or 1 (as :func:`crisp_ext.labels.make_labels` makes them). Lovász
 honours only ignored pixels (weight 0); other weights count as 1.
+
+``nnpu`` is binary cross-entropy as a positive-unlabelled risk (Kiryo et al. 2017, non-negative form), for
+curated picks that leave particles out: label-0 pixels are *unlabelled*, a fraction ``prior`` of them (the
+argument of :func:`build_loss`) assumed to belong to unpicked particles that look like the picked ones. With P the
+labelled pixels, U the unlabelled, ``ℓ±`` the BCE of a pixel taken as particle / background and ``N = |P| + |U|``:
+``risk = (|P| + prior·|U|)/N · mean_P ℓ+  +  |U|/N · max(0, mean_U ℓ- − prior · mean_P ℓ-)``. With ``prior = 0`` it
+is plain BCE; the ``max`` keeps the estimated background risk from going negative (over-fitting to the positives).
 """
 
 from __future__ import annotations
@@ -22,7 +29,7 @@ from torch import Tensor
 from .errors import InputError
 
 LossFn = Callable[[Tensor, Tensor, Tensor], Tensor]
-NAMES = ("dice", "jaccard", "tversky", "lovasz", "bce", "focal")
+NAMES = ("dice", "jaccard", "tversky", "lovasz", "bce", "focal", "nnpu")
 _IGNORE = -1
 
 
@@ -59,7 +66,32 @@ def _lovasz(cls) -> LossFn:
     return loss
 
 
-def single_loss(name: str) -> LossFn:
+def nnpu_loss(prior: float) -> LossFn:
+    """Non-negative positive-unlabelled BCE with ``prior`` = the fraction of unlabelled pixels that are particle
+    (see the module docstring); pixel weights weigh every mean (0 = ignored)."""
+    prior = float(prior)
+    if not 0.0 <= prior < 1.0:
+        raise InputError(f"the positive-unlabelled prior must be in [0, 1), got {prior}")
+    sp = torch.nn.functional.softplus
+
+    def loss(logits: Tensor, target: Tensor, weight: Tensor) -> Tensor:
+        z = logits.float()
+        wp = weight * (target > 0.5)
+        wu = weight * (target <= 0.5)
+        n_p, n_u = wp.sum(), wu.sum()
+        n = (n_p + n_u).clamp_min(1e-6)
+        pos_as_pos = (sp(-z) * wp).sum() / n_p.clamp_min(1e-6)  # BCE of labelled pixels taken as particle
+        pos_as_neg = (sp(z) * wp).sum() / n_p.clamp_min(1e-6)   # ... and as background
+        unl_as_neg = (sp(z) * wu).sum() / n_u.clamp_min(1e-6)
+        negative = unl_as_neg - (prior * pos_as_neg if n_p > 0 else 0.0)
+        return (n_p + prior * n_u) / n * pos_as_pos + n_u / n * torch.clamp(negative, min=0.0)
+
+    return loss
+
+
+def single_loss(name: str, prior: float = 0.0) -> LossFn:
+    if name == "nnpu":
+        return nnpu_loss(prior)
     L = _losses()
     if name == "dice":
         return _region(L.DiceLoss)
@@ -91,9 +123,9 @@ def parse_spec(spec: str) -> list[tuple[float, str]]:
     return terms
 
 
-def build_loss(spec: str) -> LossFn:
-    """The loss named by ``spec`` (see the module docstring)."""
-    terms = [(w, single_loss(name)) for w, name in parse_spec(spec)]
+def build_loss(spec: str, prior: float = 0.0) -> LossFn:
+    """The loss named by ``spec`` (see the module docstring); ``prior`` is the ``nnpu`` term's class prior."""
+    terms = [(w, single_loss(name, prior)) for w, name in parse_spec(spec)]
 
     def loss(logits: Tensor, target: Tensor, weight: Tensor | None = None) -> Tensor:
         if weight is None:

@@ -189,8 +189,11 @@ def _fingerprint(train: list[LabeledImage], val: list[LabeledImage], cfg: Picker
     tcfg = dataclasses.asdict(cfg.train)
     for volatile in ("device", "threads"):
         tcfg.pop(volatile, None)
-    h = hashlib.sha256(json.dumps({"model": dataclasses.asdict(cfg.model), "train": tcfg,
-                                   "crf": dataclasses.asdict(cfg.crf), "version": CHECKPOINT_VERSION},
+    shape = {"model": dataclasses.asdict(cfg.model), "train": tcfg, "crf": dataclasses.asdict(cfg.crf),
+             "version": CHECKPOINT_VERSION}
+    if cfg.labels.unpicked_fraction > 0:  # changes the loss, not the label arrays
+        shape["unpicked_fraction"] = cfg.labels.unpicked_fraction
+    h = hashlib.sha256(json.dumps(shape,
                                   sort_keys=True, default=str).encode())
     for group in (train, val):
         h.update(b"|")
@@ -293,7 +296,7 @@ def train_model(train: list[LabeledImage], val: list[LabeledImage], cfg: PickerC
     out_dir.mkdir(parents=True, exist_ok=True)
     device = resolve_device(tcfg.device)
     threads = configure_threads(tcfg.threads) if device.type == "cpu" else None
-    loss_fn = _combined_loss(cfg)
+    loss_fn = _combined_loss(cfg, unlabelled_prior(train, cfg.labels.unpicked_fraction))
     fingerprint = _fingerprint(train, val, cfg)
 
     torch.manual_seed(int(tcfg.seed))
@@ -395,10 +398,22 @@ def train_model(train: list[LabeledImage], val: list[LabeledImage], cfg: PickerC
                        earlier + time.perf_counter() - t_start, device, ckpt is not None)
 
 
-def _combined_loss(cfg: PickerConfig):
-    """``train.loss`` on the segmentation channel, plus ``labels.centre_weight`` times the weighted BCE of the
-    centre channel against its Gaussian target when the network has one."""
-    segmentation = build_loss(cfg.train.loss)
+def unlabelled_prior(items: list[LabeledImage], unpicked_fraction: float) -> float:
+    """The share of the unlabelled (scored, label 0) pixels that belong to unpicked particles, when the picks leave
+    out ``unpicked_fraction`` of the particles and those look like the picked ones (the ``nnpu`` loss's prior)."""
+    if unpicked_fraction <= 0:
+        return 0.0
+    n_pos = sum(float(((it.labels.target > 0.5) & (it.labels.weight > 0)).sum()) for it in items)
+    n_unl = sum(float(((it.labels.target <= 0.5) & (it.labels.weight > 0)).sum()) for it in items)
+    hidden = n_pos * unpicked_fraction / (1.0 - unpicked_fraction)
+    return float(min(0.5, hidden / max(n_unl, 1.0)))
+
+
+def _combined_loss(cfg: PickerConfig, prior: float = 0.0):
+    """``train.loss`` on the segmentation channel (``prior``: its nnpu term's class prior), plus
+    ``labels.centre_weight`` times the weighted BCE of the centre channel against its Gaussian target when the
+    network has one."""
+    segmentation = build_loss(cfg.train.loss, prior)
     w = float(cfg.labels.centre_weight)
     if cfg.output_channels() == 1:
         return segmentation

@@ -212,3 +212,45 @@ def test_a_model_saved_before_the_centre_channel_still_loads(tmp_path):
     loaded = load_model_dir(tmp_path / "old", device="cpu")
     assert loaded.config.output_channels() == 1
     np.testing.assert_array_equal(predict_map(loaded.model, image, loaded.config.predict), before)
+
+
+def test_nnpu_is_bce_when_every_positive_is_labelled():
+    torch.manual_seed(3)
+    logits, target = torch.randn(2, 1, 16, 16), (torch.rand(2, 1, 16, 16) > 0.7).float()
+    weight = torch.ones_like(target)
+    weight[..., :3] = 0
+    assert float(build_loss("nnpu")(logits, target, weight)) == pytest.approx(
+        float(build_loss("bce")(logits, target, weight)), rel=1e-5)
+    assert float(build_loss("dice+nnpu", prior=0.0)(logits, target, weight)) == pytest.approx(
+        float(build_loss("dice+bce")(logits, target, weight)), rel=1e-5)
+
+
+def test_nnpu_lets_unlabelled_particles_be_and_never_goes_negative():
+    from crisp_ext.losses import nnpu_loss
+
+    target = torch.zeros(1, 1, 16, 16)
+    target[..., 2:6, 2:6] = 1  # a picked particle
+    weight = torch.ones_like(target)
+    base = torch.full_like(target, -6.0)
+    base[..., 2:6, 2:6] = 6.0
+    found = base.clone()
+    found[..., 10:14, 10:14] = 6.0  # the network also marks an unpicked particle of the same size
+    bce, pu = build_loss("bce"), nnpu_loss(16 / (256 - 16))  # that particle's share of the unlabelled pixels
+    assert float(bce(found, target, weight)) > 5 * float(bce(base, target, weight))  # PN: it is punished
+    assert float(pu(found, target, weight)) < float(bce(found, target, weight)) / 5  # PU: hardly
+    everything = torch.full_like(target, 6.0)  # calling every pixel particle is not free under PU either
+    assert float(pu(everything, target, weight)) > float(pu(found, target, weight))
+    assert float(nnpu_loss(0.9)(base, target, weight)) >= 0.0
+    with pytest.raises(InputError):
+        nnpu_loss(1.0)
+
+
+def test_unlabelled_prior_from_the_unpicked_fraction():
+    from crisp_ext.labels import Labels
+    from crisp_ext.train import LabeledImage, unlabelled_prior
+
+    target = np.zeros((10, 10), np.float32)
+    target[:2, :5] = 1  # 10 labelled pixels, 90 unlabelled
+    item = LabeledImage(image=np.zeros((10, 10), np.float32), labels=Labels(target, np.ones_like(target)))
+    assert unlabelled_prior([item], 0.0) == 0.0
+    assert unlabelled_prior([item], 0.5) == pytest.approx(10 / 90)  # as many unpicked as picked

@@ -220,10 +220,7 @@ def _prepare(mic: Micrograph, parts: Particles, cfg: PickerConfig, loader: Micro
 
 def _train(micrographs, by_id, particles: Particles, cfg: PickerConfig, work_dir: Path, reference, train_ids,
            val_ids, progress, should_abort, timings):
-    from .centres.select import select_finder
-    from .metrics import picking_metrics
     from .model_dir import save_model_dir
-    from .predict import predict_maps
     from .train import train_model
 
     ids_with_picks = [m for m in particles.micrograph_ids() if m in by_id]
@@ -260,11 +257,57 @@ def _train(micrographs, by_id, particles: Particles, cfg: PickerConfig, work_dir
                          progress=progress, should_abort=should_abort)
     timings["train"] = time.perf_counter() - t0
 
-    # Centre finder and threshold, chosen on the *predicted* maps of the validation micrographs.
     t0 = time.perf_counter()
-    progress(ProgressEvent("select", message="choosing the centre finder on the validation micrographs"))
     diam_w = {m: prepared[m][1].scale.length_to_working(micrograph_diameter(by_id[m], cfg)) for m in prepared}
-    val_channels = [predict_maps(result.model, prepared[m][0].image, cfg.predict) for m in val]
+    base_cfg = cfg
+    cfg, selection, threshold, vm = _select(result.model, cfg, prepared, diam_w, val, progress)
+    timings["select"] = time.perf_counter() - t0
+    for round_ in range(1, cfg.train.self_training + 1):
+        t0 = time.perf_counter()
+        result = _self_train(round_, result, base_cfg, cfg, selection, threshold, micrographs, by_id, groups,
+                             prepared, diam_w, train, val, loader, model_dir, progress, should_abort)
+        timings["train"] += time.perf_counter() - t0
+        t0 = time.perf_counter()
+        cfg, selection, threshold, vm = _select(result.model, base_cfg, prepared, diam_w, val, progress)
+        timings["select"] += time.perf_counter() - t0
+    if vm.n_true and vm.f1 == 0:
+        raise InputError(f"the trained picker finds none of the {vm.n_true} picks on the validation micrographs "
+                         f"({', '.join(by_id[m].name for m in val)}): validation F1 is 0, so no model is saved; check "
+                         f"the particle diameter and its unit, the coordinates, and train longer (train.epochs)")
+    validation = {"micrographs": [by_id[m].name for m in val], "picking": vm.as_dict(),
+                  "best_epoch": result.best_epoch, "best_metric": result.best_metric,
+                  "train_micrographs": [by_id[m].name for m in train]}
+    diameters_px = [micrograph_diameter(by_id[m], cfg) for m in train]
+    pixel_sizes = [prepared[m][1].pixel_size for m in train if prepared[m][1].pixel_size]
+    pixel_size = float(np.median(pixel_sizes)) if pixel_sizes else None
+    info = {
+        "diameter_px": float(np.median(diameters_px)),
+        # the physical size whenever a pixel size is known, so that picking at another pixel size rescales
+        "diameter_A": cfg.particle.diameter_A or (float(np.median(diameters_px)) * pixel_size if pixel_size else None),
+        "pixel_size": pixel_size,
+        "working_diameter_px": cfg.preprocess.target_diameter_px,
+        "labels": cfg.labels.kind,
+        "labels_detail": label_info,
+        "crf": cfg.crf.kind,
+        "selection": selection.to_dict(),
+        "threshold": float(threshold),
+        "validation": validation,
+    }
+    save_model_dir(model_dir, result.model, cfg, info)
+    return result.model, cfg, info, model_dir, validation
+
+
+def _select(model, cfg: PickerConfig, prepared: dict, diam_w: dict, val: list[str], progress):
+    """The map, centre finder, its settings and the threshold, chosen on the validation micrographs' predicted
+    maps; returns the config with ``centres.map`` and ``centres.edge`` resolved, the selection, the threshold and
+    the validation metrics at it."""
+    from .centres.postprocess import pick_centres
+    from .centres.select import select_finder
+    from .metrics import picking_metrics
+    from .predict import predict_maps
+
+    progress(ProgressEvent("select", message="choosing the centre finder on the validation micrographs"))
+    val_channels = [predict_maps(model, prepared[m][0].image, cfg.predict) for m in val]
     val_truth = [prepared[m][0].truth_xy for m in val]
     diameter_w = float(np.median([diam_w[m] for m in val]))
     if cfg.centres.edge == "auto":
@@ -288,45 +331,60 @@ def _train(micrographs, by_id, particles: Particles, cfg: PickerConfig, work_dir
         if selection is None or sel.best.score > selection.best.score + margin:
             selection, chosen = sel, name
     cfg = cfg.updated({"centres.map": chosen})
-    val_maps = [c[names.index(chosen)] for c in val_channels]
     threshold = cfg.centres.threshold if cfg.centres.threshold is not None else selection.threshold
-    from .centres.postprocess import pick_centres
-
     preds, scores = [], []
-    for prob in val_maps:
-        cs = pick_centres(prob, diameter_w, selection.finder, selection.params, threshold, **options)
+    for c in val_channels:
+        cs = pick_centres(c[names.index(chosen)], diameter_w, selection.finder, selection.params, threshold,
+                          **options)
         preds.append(cs.xy)
         scores.append(cs.score)
     vm = picking_metrics(preds, scores, val_truth, cfg.centres.match_radius * diameter_w)
-    timings["select"] = time.perf_counter() - t0
-    if vm.n_true and vm.f1 == 0:
-        raise InputError(f"the trained picker finds none of the {vm.n_true} picks on the validation micrographs "
-                         f"({', '.join(by_id[m].name for m in val)}): validation F1 is 0, so no model is saved; check "
-                         f"the particle diameter and its unit, the coordinates, and train longer (train.epochs)")
-    validation = {"micrographs": [by_id[m].name for m in val], "picking": vm.as_dict(),
-                  "best_epoch": result.best_epoch, "best_metric": result.best_metric,
-                  "train_micrographs": [by_id[m].name for m in train]}
     progress(ProgressEvent("select", message=f"{chosen} map, finder {selection.finder} {selection.params}, threshold "
                                              f"{threshold:.3g}: validation precision {vm.precision:.3f} recall "
                                              f"{vm.recall:.3f} F1 {vm.f1:.3f}"))
-    diameters_px = [micrograph_diameter(by_id[m], cfg) for m in train]
-    pixel_sizes = [prepared[m][1].pixel_size for m in train if prepared[m][1].pixel_size]
-    pixel_size = float(np.median(pixel_sizes)) if pixel_sizes else None
-    info = {
-        "diameter_px": float(np.median(diameters_px)),
-        # the physical size whenever a pixel size is known, so that picking at another pixel size rescales
-        "diameter_A": cfg.particle.diameter_A or (float(np.median(diameters_px)) * pixel_size if pixel_size else None),
-        "pixel_size": pixel_size,
-        "working_diameter_px": cfg.preprocess.target_diameter_px,
-        "labels": cfg.labels.kind,
-        "labels_detail": label_info,
-        "crf": cfg.crf.kind,
-        "selection": selection.to_dict(),
-        "threshold": float(threshold),
-        "validation": validation,
-    }
-    save_model_dir(model_dir, result.model, cfg, info)
-    return result.model, cfg, info, model_dir, validation
+    return cfg, selection, float(threshold), vm
+
+
+def _self_train(round_: int, result, base_cfg: PickerConfig, cfg: PickerConfig, selection, threshold: float,
+                micrographs, by_id, groups, prepared: dict, diam_w: dict, train: list[str], val: list[str], loader,
+                model_dir: Path, progress, should_abort):
+    """One round of self-training (see :mod:`crisp_ext.pseudo_labels`): the picker's confident picks become extra
+    positives on the training micrographs and on unpicked micrographs, and the network is fine-tuned from its
+    current weights. The validation micrographs keep the user's picks only."""
+    from .pseudo_labels import PRECISION, confident_threshold, pseudo_labelled, unpicked_micrographs
+    from .train import LabeledImage, train_model
+
+    diameter_w = float(np.median([diam_w[m] for m in val]))
+    options = centre_options(cfg, diameter_w)
+    val_maps = [prepared[m][0] for m in val]
+    high = confident_threshold(result.model, cfg, val_maps, diameter_w, selection, threshold, options)
+    if high is None:
+        progress(ProgressEvent("train", message=f"self-training round {round_} skipped: the picker's validation "
+                                                f"picks never reach precision {PRECISION} at any threshold"))
+        return result
+    extra_ids = unpicked_micrographs([m.id for m in micrographs], set(groups), len(train), cfg.train.seed + round_)
+    items, added = [], 0
+    for mid in list(train) + extra_ids:
+        if mid in prepared:
+            item, wi = prepared[mid]
+        else:
+            wi = loader(by_id[mid])
+            diam_w[mid] = wi.scale.length_to_working(micrograph_diameter(by_id[mid], base_cfg))
+            item = LabeledImage(image=wi.image, labels=None, name=by_id[mid].name)
+        labelled, n_new = pseudo_labelled(result.model, item, cfg, base_cfg.labels, diam_w[mid], selection,
+                                          threshold, high, options)
+        items.append(labelled)
+        added += n_new
+        if should_abort():
+            raise Aborted("aborted while self-training")
+    epochs = max(1, base_cfg.train.epochs // 3)
+    progress(ProgressEvent("train", message=f"self-training round {round_}: {added} confident picks (score >= "
+                                            f"{high:.3g}) added on {len(train)} training and {len(extra_ids)} "
+                                            f"unpicked micrograph(s); fine-tuning {epochs} epochs"))
+    ft = base_cfg.updated({"train.epochs": epochs, "train.lr": base_cfg.train.lr * 0.3,
+                           "train.early_stop_patience": 0})
+    return train_model(items, [prepared[m][0] for m in val], ft, model_dir / f"training_self{round_}",
+                       progress=progress, should_abort=should_abort, initial_state=result.model.state_dict())
 
 
 # -- picking --------------------------------------------------------------------------------------------------------

@@ -187,7 +187,7 @@ def _validate(module: nn.Module, val: list[LabeledImage], cfg: PickerConfig, dev
 def _fingerprint(train: list[LabeledImage], val: list[LabeledImage], cfg: PickerConfig) -> str:
     """Identifies a training run: the settings that shape it and the data."""
     tcfg = dataclasses.asdict(cfg.train)
-    for volatile in ("device", "threads"):
+    for volatile in ("device", "threads", "self_training"):  # self_training: later rounds, not this one
         tcfg.pop(volatile, None)
     shape = {"model": dataclasses.asdict(cfg.model), "train": tcfg, "crf": dataclasses.asdict(cfg.crf),
              "version": CHECKPOINT_VERSION}
@@ -279,8 +279,9 @@ def _make_phase(name: str, index: int, module: nn.Module, cfg: PickerConfig, ste
 
 def train_model(train: list[LabeledImage], val: list[LabeledImage], cfg: PickerConfig, out_dir: Path,
                 progress: ProgressCallback | None = None, should_abort: Callable[[], bool] | None = None,
-                resume: bool = True) -> TrainResult:
-    """Train a network on ``train``, validate on ``val``; see the module docstring."""
+                resume: bool = True, initial_state: dict | None = None) -> TrainResult:
+    """Train a network on ``train``, validate on ``val``; see the module docstring. ``initial_state``: weights to
+    start from (fine-tuning) instead of the encoder's initial ones."""
     t_start = time.perf_counter()
     train, val = list(train), list(val)
     if not train:
@@ -301,6 +302,8 @@ def train_model(train: list[LabeledImage], val: list[LabeledImage], cfg: PickerC
 
     torch.manual_seed(int(tcfg.seed))
     model = build_model(cfg.model, cfg.output_channels()).to(device)
+    if initial_state is not None:
+        model.load_state_dict(initial_state)
     multiple = size_multiple(model)
     patch = int(np.ceil(tcfg.patch_size / multiple) * multiple)
     sampler = _PatchSampler(train, patch, bool(tcfg.augment), tcfg.jitter if tcfg.augment else 0.0)

@@ -231,7 +231,11 @@ class CentreConfig:
     edge: str = "auto"
     box_fraction: float = 1.0  # box size used for the edge rule, in diameters
     min_distance: float = 0.5  # de-duplication distance, in diameters
-    refine: float = 0.25  # move picks to the local probability centroid, Gaussian window sigma in diameters; 0 = off
+    # Move picks to the local probability centroid, Gaussian window sigma in diameters; 0 = off. auto: 0 or 0.25,
+    # whichever scores better on the validation micrographs (chosen at training, saved). On EMPIAR-10017's centre
+    # map refinement cost validation score (0.841 vs 0.815) and test AP (0.846 vs 0.836) at equal F1; on
+    # segmentation maps of touching particles it helps (test F1 at r/2 0.847 vs 0.817).
+    refine: float | str = "auto"
 
 
 @dataclass
@@ -367,6 +371,14 @@ def _objective(value) -> str | None:
     return None if m and float(m.group(1)) > 0 else "use f1, recall, precision or fbeta:<beta > 0>"
 
 
+def _refine(value) -> str | None:
+    if value == "auto":
+        return None
+    if isinstance(value, (int, float)) and not isinstance(value, bool) and 0 <= value < float("inf"):
+        return None
+    return "use auto or a window width >= 0 in diameters (0 = off)"
+
+
 SCHEMA: dict[str, dict[str, Rule]] = {
     "particle": {"diameter_A": _positive("the particle diameter in Å"),
                  "diameter_px": _positive("the particle diameter in pixels")},
@@ -403,7 +415,7 @@ SCHEMA: dict[str, dict[str, Rule]] = {
                 "threshold": _at_least(0, 1, "a score threshold between 0 and 1"),
                 "threshold_objective": Rule(check=_objective), "match_radius": Rule(low=0, high=2, open_low=True),
                 "edge": Rule(choices=("auto", "drop", "keep")), "box_fraction": _positive(), "min_distance": _at_least(0),
-                "refine": _at_least(0)},
+                "refine": Rule(check=_refine)},
 }
 
 

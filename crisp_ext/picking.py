@@ -49,11 +49,19 @@ def map_channel(cfg: PickerConfig) -> int:
     return {"segmentation": 0, "centre": 1}.get(cfg.centres.map, cfg.output_channels() - 1)
 
 
+REFINE_CHOICES = (0.0, 0.25)  # centres.refine = auto: the widths tried on the validation micrographs
+
+
+def refine_width(cfg: PickerConfig) -> float:
+    """``centres.refine`` in diameters (``auto`` not yet chosen, as in a model saved before the choice: 0.25)."""
+    return REFINE_CHOICES[-1] if cfg.centres.refine == "auto" else float(cfg.centres.refine)
+
+
 def centre_options(cfg: PickerConfig, diameter_w: float) -> dict:
-    """Edge rule and de-duplication at the working scale, the same for selection and picking."""
+    """Edge rule, refinement and de-duplication at the working scale, the same for selection and picking."""
     return {"edge": cfg.centres.edge, "box_px": cfg.centres.box_fraction * diameter_w,
             "min_distance_px": cfg.centres.min_distance * diameter_w,
-            "refine_sigma_px": cfg.centres.refine * diameter_w}
+            "refine_sigma_px": refine_width(cfg) * diameter_w}
 
 
 def pick_micrograph(prob: np.ndarray, wi: WorkingImage, mic: Micrograph, diameter_px: float, cfg: PickerConfig,

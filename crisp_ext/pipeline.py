@@ -36,8 +36,8 @@ import numpy as np
 from .config import PickerConfig
 from .errors import Aborted, InputError
 from .footprints import FootprintMaker, ReferenceMask, plot_footprints, resolve_label_kind
-from .picking import (MicrographLoader, centre_options, map_channel, micrograph_diameter,  # noqa: F401 (re-exported)
-                      micrograph_pixel_size, pick_and_save_map)
+from .picking import (REFINE_CHOICES, MicrographLoader, centre_options, map_channel,  # noqa: F401 (re-exported)
+                      micrograph_diameter, micrograph_pixel_size, pick_and_save_map)
 from .preprocess import WorkingImage, check_particle_fits
 from .progress import ProgressCallback, ProgressEvent, silent
 from .types import Micrograph, Particles, micrographs_by_id
@@ -316,21 +316,24 @@ def _select(model, cfg: PickerConfig, prepared: dict, diam_w: dict, val: list[st
         cfg = cfg.updated({"centres.edge": edge})
         progress(ProgressEvent("select", message=why))
     finders = ("nms", "trackpy", "morphology") if cfg.centres.finder == "auto" else (cfg.centres.finder,)
-    options = centre_options(cfg, diameter_w)
     names = ["segmentation", "centre"][: cfg.output_channels()]
     tried = names if cfg.centres.map == "auto" else [cfg.centres.map]
-    selection, chosen = None, None
+    widths = REFINE_CHOICES if cfg.centres.refine == "auto" else (float(cfg.centres.refine),)
+    selection, chosen, width = None, None, None
     for name in tried:  # the finder, its settings and threshold on each candidate map; the best map wins
-        sel = select_finder([c[names.index(name)] for c in val_channels], val_truth, diameter_w, finders=finders,
-                            match_radius_px=cfg.centres.match_radius * diameter_w,
-                            objective=cfg.centres.threshold_objective, params=cfg.centres.params or None, **options)
-        if len(tried) > 1:
-            progress(ProgressEvent("select", message=f"{name} map: {sel.finder}, validation score "
-                                                     f"{sel.best.score:.3f}"))
-        margin = cfg.centres.map_margin if name == "centre" and chosen == "segmentation" else 0.0
-        if selection is None or sel.best.score > selection.best.score + margin:
-            selection, chosen = sel, name
-    cfg = cfg.updated({"centres.map": chosen})
+        for w in widths:  # ... and the refinement width (on one map, the first width wins ties)
+            sel = select_finder([c[names.index(name)] for c in val_channels], val_truth, diameter_w,
+                                finders=finders, match_radius_px=cfg.centres.match_radius * diameter_w,
+                                objective=cfg.centres.threshold_objective, params=cfg.centres.params or None,
+                                **centre_options(cfg.updated({"centres.refine": w}), diameter_w))
+            if len(tried) > 1 or len(widths) > 1:
+                progress(ProgressEvent("select", message=f"{name} map, refinement {w:g}: {sel.finder}, validation "
+                                                         f"score {sel.best.score:.3f}"))
+            margin = cfg.centres.map_margin if name == "centre" and chosen == "segmentation" else 0.0
+            if selection is None or sel.best.score > selection.best.score + margin:
+                selection, chosen, width = sel, name, w
+    cfg = cfg.updated({"centres.map": chosen, "centres.refine": width})
+    options = centre_options(cfg, diameter_w)
     threshold = cfg.centres.threshold if cfg.centres.threshold is not None else selection.threshold
     preds, scores = [], []
     for c in val_channels:
@@ -600,6 +603,7 @@ def _picking_config(saved: PickerConfig, given: PickerConfig, info: dict) -> Pic
     cfg.centres.edge = given.centres.edge if given.centres.edge != "auto" else saved.centres.edge
     if cfg.centres.edge == "auto":
         cfg.centres.edge = "drop"
+    cfg.centres.refine = given.centres.refine if given.centres.refine != "auto" else saved.centres.refine
     cfg.centres.box_fraction = given.centres.box_fraction
     cfg.train.device, cfg.train.threads = given.train.device, given.train.threads
     if given.particle.diameter_A or given.particle.diameter_px:

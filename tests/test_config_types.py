@@ -31,6 +31,12 @@ def test_partial_config_and_errors(tmp_path):
     with pytest.raises(ConfigError, match="nothing.here"):
         PickerConfig().updated({"nothing.here": 1})
     assert "[centres]" in config_to_toml(PickerConfig())
+    for bad in ("sometimes", -0.1, True):  # centres.refine: auto or a width >= 0
+        with pytest.raises(ConfigError, match="centres.refine"):
+            PickerConfig().updated({"centres.refine": bad})
+    assert PickerConfig().updated({"centres.refine": 0}).centres.refine == 0
+    p.write_text('[centres]\nrefine = 0.25\n')  # a model directory's saved choice
+    assert load_config(p).centres.refine == 0.25
 
 
 def test_particles_grouping_and_concat():

@@ -96,6 +96,7 @@ def test_unpicked_micrographs_are_a_seeded_choice_in_order():
 
 
 def test_self_training_runs_in_the_pipeline_and_keeps_the_users_validation_picks(tmp_path):
+    """Also: the refinement width chosen on the validation micrographs (centres.refine = auto)."""
     from crisp_ext.io.mrc import write_mrc
     from crisp_ext.pipeline import prepare_picker
     from crisp_ext.simulate import simulate_micrograph
@@ -122,3 +123,11 @@ def test_self_training_runs_in_the_pipeline_and_keeps_the_users_validation_picks
     assert (tmp_path / "work" / "model" / "training_self1" / "history.csv").is_file()
     assert picker.validation["micrographs"] == ["m2"] and picker.validation["picking"]["n_true"] == 8
     assert (picker.model_dir / "model.json").is_file()
+    # centres.refine = auto: a width chosen on the validation micrographs, saved, and used by a loaded model
+    from crisp_ext.picking import REFINE_CHOICES
+
+    assert picker.config.centres.refine in REFINE_CHOICES
+    assert any("refinement 0:" in ln for ln in lines) and any("refinement 0.25:" in ln for ln in lines)
+    loaded = prepare_picker(mics, PickerConfig().updated({"train.device": "cpu", "train.threads": 1}),
+                            work_dir=tmp_path / "again", model_dir=picker.model_dir)
+    assert loaded.config.centres.refine == picker.config.centres.refine

@@ -354,7 +354,7 @@ def _self_train(round_: int, result, base_cfg: PickerConfig, cfg: PickerConfig, 
     """One round of self-training (see :mod:`crisp_ext.pseudo_labels`): the picker's confident picks become extra
     positives on the training micrographs and on unpicked micrographs, and the network is fine-tuned from its
     current weights. The validation micrographs keep the user's picks only."""
-    from .pseudo_labels import PRECISION, confident_threshold, pseudo_labelled, unpicked_micrographs
+    from .pseudo_labels import confident_threshold, pseudo_labelled, unpicked_micrographs
     from .train import LabeledImage, train_model
 
     diameter_w = float(np.median([diam_w[m] for m in val]))
@@ -362,8 +362,8 @@ def _self_train(round_: int, result, base_cfg: PickerConfig, cfg: PickerConfig, 
     val_maps = [prepared[m][0] for m in val]
     high = confident_threshold(result.model, cfg, val_maps, diameter_w, selection, threshold, options)
     if high is None:
-        progress(ProgressEvent("train", message=f"self-training round {round_} skipped: the picker's validation "
-                                                f"picks never reach precision {PRECISION} at any threshold"))
+        progress(ProgressEvent("train", message=f"self-training round {round_} skipped: none of the picker's "
+                                                f"validation picks matches a pick of the user's"))
         return result
     extra_ids = unpicked_micrographs([m.id for m in micrographs], set(groups), len(train), cfg.train.seed + round_)
     items, added = [], 0

@@ -3,12 +3,12 @@
 Curated picks leave particles out, and a network taught that those are background learns to miss their kind.
 After the first training the picker runs on the training micrographs and on as many micrographs without picks (the
 ones the user is about to pick). A pick becomes a positive where no pick of the user's lies within half a diameter
-and it scores at least the *confident* threshold: the lowest score above which the picker's validation picks are
-matched to the user's with precision >= :data:`PRECISION` (never below the picking threshold; the user's picks
-being incomplete, the real precision there is higher still). Picks between the picking threshold and the confident
-one are left out of the loss (weight 0 over their disk), so uncertain particles are taught neither way. The
-network is then fine-tuned from its weights; the validation micrographs keep the user's picks only, so the finder,
-threshold and early stopping are still judged against them.
+and it scores at least the *confident* threshold: the median score of the validation picks that match one of the
+user's picks, i.e. it scores like a typical particle the user agrees with. (A precision target would not do: the
+user's picks being incomplete, even a perfect picker's precision against them is only their completeness.) Picks
+between the picking threshold and the confident one are left out of the loss (weight 0 over their disk), so
+uncertain particles are taught neither way. The network is then fine-tuned from its weights; the validation
+micrographs keep the user's picks only, so the finder, threshold and early stopping are still judged against them.
 
 All coordinates here are working-scale pixels (x = column, y = row).
 """
@@ -19,8 +19,6 @@ import numpy as np
 
 from .config import LabelConfig, PickerConfig
 from .labels import Labels, centre_map, disk_mask, make_labels
-
-PRECISION = 0.9
 
 
 def unpicked_micrographs(ids: list[str], with_picks: set[str], n: int, seed: int) -> list[str]:
@@ -44,21 +42,20 @@ def _picks(model, image: np.ndarray, cfg: PickerConfig, diameter_w: float, selec
 
 def confident_threshold(model, cfg: PickerConfig, val_items, diameter_w: float, selection, threshold: float,
                         options: dict) -> float | None:
-    """The lowest score at or above ``threshold`` above which the validation picks reach :data:`PRECISION`
-    against the user's picks; None when they never do."""
-    from .metrics import pr_curve
+    """The median score of the validation picks (at ``threshold``) that match a pick of the user's, at least
+    ``threshold``; None when none matches."""
+    from .metrics import match_centres
 
-    preds, scores, truths = [], [], []
+    matched = []
     for item in val_items:
         cs = _picks(model, item.image, cfg, diameter_w, selection, threshold, options)
-        preds.append(cs.xy)
-        scores.append(cs.score)
-        truths.append(item.truth_xy)
-    curve = pr_curve(preds, scores, truths, cfg.centres.match_radius * diameter_w)
-    ok = np.flatnonzero(curve.precision >= PRECISION)
-    if len(ok) == 0:
+        if len(cs) and len(item.truth_xy):
+            pi, _, _ = match_centres(cs.xy, item.truth_xy, cfg.centres.match_radius * diameter_w)
+            matched.append(cs.score[pi])
+    scores = np.concatenate(matched) if matched else np.zeros(0)
+    if len(scores) == 0:
         return None
-    return float(max(threshold, curve.thresholds[ok[-1]]))
+    return float(max(threshold, np.median(scores)))
 
 
 def pseudo_labelled(model, item, cfg: PickerConfig, label_cfg: LabelConfig, diameter_w: float, selection,

@@ -76,7 +76,7 @@ def test_a_micrograph_without_picks_gets_labels_from_the_confident_picks_alone()
     assert out.labels.centre is not None and out.labels.target.shape == logits.shape
 
 
-def test_confident_threshold_reaches_the_precision_on_validation():
+def test_confident_threshold_is_the_typical_score_of_validation_picks_the_user_agrees_with():
     logits, strong, weak = _scene()
     cfg, sel, options = _setup()
     item = LabeledImage(image=logits, labels=None, truth_xy=strong)  # the weak peaks are not the user's picks

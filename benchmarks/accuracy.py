@@ -56,6 +56,9 @@ CANDIDATES: dict[str, dict] = {
     "lite0": {"model.encoder": "tu-efficientnet_lite0", "model.encoder_weights": "packaged"},
     "centre_lite0": {"labels.centre_weight": 1.0, "centres.map": "auto", "centres.edge": "auto",
                      "model.encoder": "tu-efficientnet_lite0", "model.encoder_weights": "packaged"},
+    # issue 14's objectives for incomplete picks: self-training (one round), positive-unlabelled BCE
+    "self1": {"train.self_training": 1},
+    "pu30": {"train.loss": "dice+nnpu", "labels.unpicked_fraction": 0.3},
     "centre_tta2": {"labels.centre_weight": 1.0, "centres.map": "auto", "centres.edge": "auto", "predict.tta": 2},
 }
 

@@ -83,7 +83,7 @@ def nnpu_loss(prior: float) -> LossFn:
         pos_as_pos = (sp(-z) * wp).sum() / n_p.clamp_min(1e-6)  # BCE of labelled pixels taken as particle
         pos_as_neg = (sp(z) * wp).sum() / n_p.clamp_min(1e-6)   # ... and as background
         unl_as_neg = (sp(z) * wu).sum() / n_u.clamp_min(1e-6)
-        negative = unl_as_neg - (prior * pos_as_neg if n_p > 0 else 0.0)
+        negative = unl_as_neg - prior * pos_as_neg  # pos_as_neg is 0 without labelled pixels
         return (n_p + prior * n_u) / n * pos_as_pos + n_u / n * torch.clamp(negative, min=0.0)
 
     return loss

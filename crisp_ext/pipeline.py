@@ -260,15 +260,15 @@ def _train(micrographs, by_id, particles: Particles, cfg: PickerConfig, work_dir
     t0 = time.perf_counter()
     diam_w = {m: prepared[m][1].scale.length_to_working(micrograph_diameter(by_id[m], cfg)) for m in prepared}
     base_cfg = cfg
-    cfg, selection, threshold, vm = _select(result.model, cfg, prepared, diam_w, val, progress)
+    cfg, selection, threshold, vm, val_picks = _select(result.model, cfg, prepared, diam_w, val, progress)
     timings["select"] = time.perf_counter() - t0
     for round_ in range(1, cfg.train.self_training + 1):
         t0 = time.perf_counter()
-        result = _self_train(round_, result, base_cfg, cfg, selection, threshold, micrographs, by_id, groups,
-                             prepared, diam_w, train, val, loader, model_dir, progress, should_abort)
+        result = _self_train(round_, result, base_cfg, cfg, selection, threshold, val_picks, micrographs, by_id,
+                             groups, prepared, diam_w, train, val, loader, model_dir, progress, should_abort)
         timings["train"] += time.perf_counter() - t0
         t0 = time.perf_counter()
-        cfg, selection, threshold, vm = _select(result.model, base_cfg, prepared, diam_w, val, progress)
+        cfg, selection, threshold, vm, val_picks = _select(result.model, base_cfg, prepared, diam_w, val, progress)
         timings["select"] += time.perf_counter() - t0
     if vm.n_true and vm.f1 == 0:
         raise InputError(f"the trained picker finds none of the {vm.n_true} picks on the validation micrographs "
@@ -299,8 +299,8 @@ def _train(micrographs, by_id, particles: Particles, cfg: PickerConfig, work_dir
 
 def _select(model, cfg: PickerConfig, prepared: dict, diam_w: dict, val: list[str], progress):
     """The map, centre finder, its settings and the threshold, chosen on the validation micrographs' predicted
-    maps; returns the config with ``centres.map`` and ``centres.edge`` resolved, the selection, the threshold and
-    the validation metrics at it."""
+    maps; returns the config with ``centres.map``, ``centres.edge`` and ``centres.refine`` resolved, the selection,
+    the threshold, the validation metrics at it and the validation picks (a ``CentreSet`` per micrograph)."""
     from .centres.postprocess import pick_centres
     from .centres.select import select_finder
     from .metrics import picking_metrics
@@ -335,21 +335,18 @@ def _select(model, cfg: PickerConfig, prepared: dict, diam_w: dict, val: list[st
     cfg = cfg.updated({"centres.map": chosen, "centres.refine": width})
     options = centre_options(cfg, diameter_w)
     threshold = cfg.centres.threshold if cfg.centres.threshold is not None else selection.threshold
-    preds, scores = [], []
-    for c in val_channels:
-        cs = pick_centres(c[names.index(chosen)], diameter_w, selection.finder, selection.params, threshold,
-                          **options)
-        preds.append(cs.xy)
-        scores.append(cs.score)
-    vm = picking_metrics(preds, scores, val_truth, cfg.centres.match_radius * diameter_w)
+    picks = [pick_centres(c[names.index(chosen)], diameter_w, selection.finder, selection.params, threshold,
+                          **options) for c in val_channels]
+    vm = picking_metrics([cs.xy for cs in picks], [cs.score for cs in picks], val_truth,
+                         cfg.centres.match_radius * diameter_w)
     progress(ProgressEvent("select", message=f"{chosen} map, finder {selection.finder} {selection.params}, threshold "
                                              f"{threshold:.3g}: validation precision {vm.precision:.3f} recall "
                                              f"{vm.recall:.3f} F1 {vm.f1:.3f}"))
-    return cfg, selection, float(threshold), vm
+    return cfg, selection, float(threshold), vm, picks
 
 
 def _self_train(round_: int, result, base_cfg: PickerConfig, cfg: PickerConfig, selection, threshold: float,
-                micrographs, by_id, groups, prepared: dict, diam_w: dict, train: list[str], val: list[str], loader,
+                val_picks, micrographs, by_id, groups, prepared: dict, diam_w: dict, train: list[str], val: list[str], loader,
                 model_dir: Path, progress, should_abort):
     """One round of self-training (see :mod:`crisp_ext.pseudo_labels`): the picker's confident picks become extra
     positives on the training micrographs and on unpicked micrographs, and the network is fine-tuned from its
@@ -358,9 +355,8 @@ def _self_train(round_: int, result, base_cfg: PickerConfig, cfg: PickerConfig, 
     from .train import LabeledImage, train_model
 
     diameter_w = float(np.median([diam_w[m] for m in val]))
-    options = centre_options(cfg, diameter_w)
-    val_maps = [prepared[m][0] for m in val]
-    high = confident_threshold(result.model, cfg, val_maps, diameter_w, selection, threshold, options)
+    high = confident_threshold(val_picks, [prepared[m][0].truth_xy for m in val],
+                               cfg.centres.match_radius * diameter_w, threshold)
     if high is None:
         progress(ProgressEvent("train", message=f"self-training round {round_} skipped: none of the picker's "
                                                 f"validation picks matches a pick of the user's"))
@@ -375,7 +371,7 @@ def _self_train(round_: int, result, base_cfg: PickerConfig, cfg: PickerConfig, 
             diam_w[mid] = wi.scale.length_to_working(micrograph_diameter(by_id[mid], base_cfg))
             item = LabeledImage(image=wi.image, labels=None, name=by_id[mid].name)
         labelled, n_new = pseudo_labelled(result.model, item, cfg, base_cfg.labels, diam_w[mid], selection,
-                                          threshold, high, options)
+                                          threshold, high)
         items.append(labelled)
         added += n_new
         if should_abort():

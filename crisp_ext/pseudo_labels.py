@@ -30,28 +30,23 @@ def unpicked_micrographs(ids: list[str], with_picks: set[str], n: int, seed: int
     return [m for i, m in enumerate(free) if i in chosen]
 
 
-def _picks(model, image: np.ndarray, cfg: PickerConfig, diameter_w: float, selection, threshold: float,
-           options: dict):
+def _picks(model, image: np.ndarray, cfg: PickerConfig, diameter_w: float, selection, threshold: float):
     from .centres.postprocess import pick_centres
-    from .picking import map_channel
+    from .picking import centre_options, map_channel
     from .predict import predict_maps
 
     prob = predict_maps(model, image, cfg.predict)[map_channel(cfg)]
-    return pick_centres(prob, diameter_w, selection.finder, selection.params, threshold, **options)
+    return pick_centres(prob, diameter_w, selection.finder, selection.params, threshold,
+                        **centre_options(cfg, diameter_w))
 
 
-def confident_threshold(model, cfg: PickerConfig, val_items, diameter_w: float, selection, threshold: float,
-                        options: dict) -> float | None:
-    """The median score of the validation picks (at ``threshold``) that match a pick of the user's, at least
-    ``threshold``; None when none matches."""
+def confident_threshold(val_picks, truths, radius: float, threshold: float) -> float | None:
+    """The median score of the validation picks (``CentreSet`` per micrograph, at ``threshold``) that match one of
+    the user's picks (``truths``, within ``radius``), at least ``threshold``; None when none matches."""
     from .metrics import match_centres
 
-    matched = []
-    for item in val_items:
-        cs = _picks(model, item.image, cfg, diameter_w, selection, threshold, options)
-        if len(cs) and len(item.truth_xy):
-            pi, _, _ = match_centres(cs.xy, item.truth_xy, cfg.centres.match_radius * diameter_w)
-            matched.append(cs.score[pi])
+    matched = [cs.score[match_centres(cs.xy, truth, radius)[0]]
+               for cs, truth in zip(val_picks, truths) if len(cs) and len(truth)]
     scores = np.concatenate(matched) if matched else np.zeros(0)
     if len(scores) == 0:
         return None
@@ -59,12 +54,12 @@ def confident_threshold(model, cfg: PickerConfig, val_items, diameter_w: float, 
 
 
 def pseudo_labelled(model, item, cfg: PickerConfig, label_cfg: LabelConfig, diameter_w: float, selection,
-                    threshold: float, high: float, options: dict):
+                    threshold: float, high: float):
     """``item`` (a :class:`~crisp_ext.train.LabeledImage`; ``labels`` None for a micrograph without picks) with
     the picker's confident picks added as positives and its uncertain ones ignored; and how many were added."""
     from .train import LabeledImage
 
-    cs = _picks(model, item.image, cfg, diameter_w, selection, threshold, options)
+    cs = _picks(model, item.image, cfg, diameter_w, selection, threshold)
     known = np.asarray(item.truth_xy, dtype=np.float64).reshape(-1, 2)
     new = np.ones(len(cs), dtype=bool)
     if len(known) and len(cs):

@@ -193,8 +193,7 @@ def _fingerprint(train: list[LabeledImage], val: list[LabeledImage], cfg: Picker
              "version": CHECKPOINT_VERSION}
     if cfg.labels.unpicked_fraction > 0:  # changes the loss, not the label arrays
         shape["unpicked_fraction"] = cfg.labels.unpicked_fraction
-    h = hashlib.sha256(json.dumps(shape,
-                                  sort_keys=True, default=str).encode())
+    h = hashlib.sha256(json.dumps(shape, sort_keys=True, default=str).encode())
     for group in (train, val):
         h.update(b"|")
         for it in group:

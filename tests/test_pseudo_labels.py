@@ -6,6 +6,7 @@ import pytest
 import torch
 import torch.nn as nn
 
+from crisp_ext.centres.postprocess import pick_centres
 from crisp_ext.centres.select import Selection
 from crisp_ext.config import PickerConfig
 from crisp_ext.labels import make_labels
@@ -44,16 +45,15 @@ def _setup():
     cfg = PickerConfig().updated({"particle.diameter_px": D, "predict.tile": 64, "predict.overlap": 16,
                                   "predict.bf16": False, "centres.map": "segmentation", "centres.edge": "keep"})
     sel = Selection("nms", {"sigma": 0.0, "overlap": 0.0}, 0.5, "f1", D, 0.5 * D, "keep", D, 0.5 * D, 1, [], 0.0)
-    return cfg, sel, centre_options(cfg, D)
+    return cfg, sel
 
 
 def test_confident_picks_become_positives_and_uncertain_ones_are_ignored():
     logits, strong, weak = _scene()
-    cfg, sel, options = _setup()
+    cfg, sel = _setup()
     picked = strong[::2]
     item = LabeledImage(image=logits, labels=make_labels(logits.shape, picked, D, cfg.labels), truth_xy=picked)
-    out, added = pseudo_labelled(MapAsLogits(), item, cfg, cfg.labels, D, sel, threshold=0.3, high=0.9,
-                                 options=options)
+    out, added = pseudo_labelled(MapAsLogits(), item, cfg, cfg.labels, D, sel, threshold=0.3, high=0.9)
     assert added == 3  # the three strong particles the user left out
     r = int(0.5 * D) - 1
     for x, y in strong:
@@ -69,22 +69,22 @@ def test_confident_picks_become_positives_and_uncertain_ones_are_ignored():
 
 def test_a_micrograph_without_picks_gets_labels_from_the_confident_picks_alone():
     logits, strong, _ = _scene()
-    cfg, sel, options = _setup()
+    cfg, sel = _setup()
     out, added = pseudo_labelled(MapAsLogits(), LabeledImage(image=logits, labels=None), cfg, cfg.labels, D, sel,
-                                 threshold=0.3, high=0.9, options=options)
+                                 threshold=0.3, high=0.9)
     assert added == len(strong)
     assert out.labels.centre is not None and out.labels.target.shape == logits.shape
 
 
 def test_confident_threshold_is_the_typical_score_of_validation_picks_the_user_agrees_with():
     logits, strong, weak = _scene()
-    cfg, sel, options = _setup()
-    item = LabeledImage(image=logits, labels=None, truth_xy=strong)  # the weak peaks are not the user's picks
-    high = confident_threshold(MapAsLogits(), cfg, [item], D, sel, 0.3, options)
+    cfg, sel = _setup()
+    picks = [pick_centres(1 / (1 + np.exp(-logits)), D, sel.finder, sel.params, 0.3, **centre_options(cfg, D))]
+    assert len(picks[0]) == len(strong) + len(weak)
+    high = confident_threshold(picks, [strong], 0.5 * D, 0.3)  # the weak peaks are not the user's picks
     weak_score = 1 / (1 + np.exp(-0.2))
     assert weak_score < high <= 1 / (1 + np.exp(-6.0))
-    none = LabeledImage(image=logits, labels=None, truth_xy=np.array([[5.0, 5.0]]))
-    assert confident_threshold(MapAsLogits(), cfg, [none], D, sel, 0.3, options) is None
+    assert confident_threshold(picks, [np.array([[5.0, 5.0]])], 0.5 * D, 0.3) is None
 
 
 def test_unpicked_micrographs_are_a_seeded_choice_in_order():

@@ -160,7 +160,7 @@ class TrainConfig:
     # many unpicked ones become extra positives, then epochs // 3 epochs of fine-tuning per round. One round
     # (benchmarks/accuracy.py, test F1 at r / r/2, AP; off -> on): EMPIAR-10017 0.880/0.870/0.846 ->
     # 0.879/0.870/0.878, crowded simulation 0.969/0.964/0.970 -> 0.969/0.965/0.961, noisy crowded 0.859/0.803/0.812
-    # -> 0.856/0.798/0.813, for +35-60 % training time: better ranking on 10017 only, so off.
+    # -> 0.856/0.798/0.813, for +36 % training time on 10017 (2 threads): better ranking on 10017 only, so off.
     self_training: int = 0
 
 

@@ -192,13 +192,26 @@ def test_objectives_and_threshold_choice():
     assert objective_beta("f1") == 1 and objective_beta("recall") == 2 and objective_beta("fbeta:0.3") == 0.3
     with pytest.raises(ValueError, match="objective"):
         objective_beta("accuracy")
-    true = np.array([[0.0, 0], [20, 0], [40, 0]])
-    pred = np.array([[0.0, 0], [20, 0], [80, 0], [40, 0], [90, 0]])
-    curve = pr_curve([pred], [np.array([0.9, 0.8, 0.7, 0.6, 0.5])], [true], 3)
+    # 40 validation picks; ours: 36 of them, 2 false, the other 4, then 10 false, scores descending
+    true = np.c_[np.arange(40) * 20.0, np.zeros(40)]
+    junk = np.c_[1000 + np.arange(12) * 20.0, np.zeros(12)]
+    pred = np.r_[true[:36], junk[:2], true[36:], junk[2:]]
+    scores = np.linspace(0.99, 0.4, len(pred))
+    curve = pr_curve([pred], [scores], [true], 3)
+    best = int(np.argmax(curve.f1))
+    assert best == 41 and curve.f1[best] == pytest.approx(80 / 82)
+    # one match's worth here is 2 / (40 + 42) = 0.024 of F1: one and two more false picks (F1 0.964, 0.952) are
+    # within it, a third (0.941) is not, so the threshold goes below the 44th pick
     thr, k = choose_threshold(curve, "f1")
-    assert k == 3 and thr == pytest.approx(0.55)
-    thr2, k2 = choose_threshold(curve, "precision")
-    assert k2 == 1 and thr2 == pytest.approx(0.75)
+    assert k == 43 and thr == pytest.approx(0.5 * (scores[43] + scores[44]))
+    # the same ranking on 100 micrographs: one match is worth 0.00024, the best F1 itself wins
+    big = pr_curve([pred] * 100, [scores] * 100, [true] * 100, 3)
+    assert choose_threshold(big, "f1")[1] == int(np.argmax(big.f1)) == 41
+    # precision-leaning objective: best before the first false pick, which is within one match of it
+    f = curve.fbeta(0.2)
+    assert int(np.argmax(f)) == 35 and f[36] > f[35] - 1.04 / (0.04 * 40 + 36) > f[37]
+    thr2, k2 = choose_threshold(curve, "fbeta:0.2")
+    assert k2 == 36 and thr2 == pytest.approx(0.5 * (scores[36] + scores[37]))
 
 
 @pytest.fixture(scope="module")

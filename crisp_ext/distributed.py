@@ -187,8 +187,9 @@ def _worker_model(model_ref: tuple, threads: int):
     import torch
 
     from .model_dir import load_model_dir
+    from .train import configure_threads
 
-    torch.set_num_threads(max(1, int(threads)))
+    configure_threads(max(1, int(threads)))
     if kind == "bytes":
         import tempfile
 
@@ -209,16 +210,19 @@ def _worker_model(model_ref: tuple, threads: int):
 
 
 def pick_chunk(model_ref: tuple, cfg_dict: dict, finder: str, params: dict, threshold: float, mics: list,
-               threads: int, maps: list | None) -> list[tuple]:
-    """Pick ``mics`` in a worker: ``[(micrograph id, xy, score, worker name), ...]``. An error names the
-    micrograph it happened on."""
+               threads: int, maps: list | None) -> tuple[list[tuple], tuple[float, float]]:
+    """Pick ``mics`` in a worker: ``([(micrograph id, xy, score, worker name), ...], (start, end))``, the wall-clock
+    times (``time.time()``) of the picking itself, the model loaded. An error names the micrograph it happened on."""
     from .config import PickerConfig
     from concurrent.futures import ThreadPoolExecutor
 
     from .picking import MicrographLoader, map_channel, pick_and_save_map
     from .predict import predict_map
 
+    import time
+
     model, device = _worker_model(model_ref, threads)
+    started = time.time()
     cfg = PickerConfig.from_dict(cfg_dict)
     loader = MicrographLoader(cfg)
     name = _worker_name()
@@ -246,7 +250,8 @@ def pick_chunk(model_ref: tuple, cfg_dict: dict, finder: str, params: dict, thre
                 ahead = pool.submit(named, mics[i + 1], loader, mics[i + 1])
             prob = named(mic, predict_map, model, wi.image, cfg.predict, device, map_channel(cfg))
             pending.append(pool.submit(named, mic, centres, i, mic, wi, prob))
-        return [f.result() for f in pending]
+        rows = [f.result() for f in pending]
+    return rows, (started, time.time())
 
 
 def _worker_name() -> str:
@@ -274,8 +279,9 @@ def _model_ref(client, model_dir: Path, say) -> tuple:
 
 def pick_distributed(picker, todo: Sequence, placement: Placement, *, map_path: Callable | None,
                      should_abort: Callable[[], bool], say: Callable[[str], None]
-                     ) -> Iterator[tuple[Any, np.ndarray, np.ndarray, str]]:
-    """Yield ``(micrograph, xy, score, worker name)`` for every micrograph of ``todo`` as chunks complete."""
+                     ) -> Iterator[tuple[list[tuple[Any, np.ndarray, np.ndarray, str]], tuple[float, float]]]:
+    """Yield, for each chunk of ``todo`` as it completes, its ``[(micrograph, xy, score, worker name), ...]`` and
+    when the worker started and ended picking it (``time.time()``)."""
     from distributed import as_completed
     from distributed.client import FutureCancelledError
 
@@ -304,15 +310,14 @@ def pick_distributed(picker, todo: Sequence, placement: Placement, *, map_path: 
                 if should_abort():
                     raise Aborted("aborted while picking on the Dask workers")
                 try:
-                    rows = future.result()
+                    rows, span = future.result()
                 except (InputError, RunFailed):
                     raise
                 except FutureCancelledError:
                     raise RunFailed("the Dask scheduler cancelled the picking (lost scheduler?)") from None
                 except Exception as exc:  # KilledWorker, lost scheduler, communication errors
                     raise RunFailed(f"picking on Dask failed: {type(exc).__name__}: {_line(exc)}") from None
-                for mid, xy, score, worker in rows:
-                    yield by_id[mid], xy, score, worker
+                yield [(by_id[mid], xy, score, worker) for mid, xy, score, worker in rows], span
         finally:
             for f in futures:
                 f.release()

@@ -98,7 +98,11 @@ def available_cores() -> int:
 
 
 def configure_threads(threads: int | None) -> int:
-    """Set torch's CPU threads (``None`` or 0 = all cores this process may use); returns the number set."""
+    """Set torch's CPU threads (``None`` or 0 = all cores this process may use) and glibc's heap thresholds for its
+    large buffers (:mod:`crisp_ext.allocator`); returns the number of threads set."""
+    from .allocator import keep_large_buffers
+
+    keep_large_buffers()
     n = int(threads) if threads else available_cores()
     torch.set_num_threads(max(1, n))
     return torch.get_num_threads()

@@ -1,3 +1,9 @@
+import os
+import platform
+import resource
+import subprocess
+import sys
+
 import numpy as np
 import pytest
 import torch
@@ -148,3 +154,30 @@ def test_test_time_augmentation_maps_every_view_back(tta):
 def test_unknown_tta_is_refused():
     with pytest.raises(ValueError, match="tta"):
         predict_map(Identity(), np.zeros((64, 64), np.float32), PredictConfig(tta=3))
+
+
+_FAULTS = """
+import resource, sys
+import torch
+if sys.argv[1] == "keep":
+    from crisp_ext.allocator import keep_large_buffers
+    assert keep_large_buffers()
+before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+for _ in range(100):
+    buf = torch.ones(8 << 20)  # 32 MiB of float32, every page touched, then freed
+    del buf
+print(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
+"""
+
+
+@pytest.mark.skipif(sys.platform != "linux" or platform.libc_ver()[0] != "glibc", reason="glibc only")
+def test_large_buffers_are_reused_not_faulted_in_again_even_under_dasks_trim_setting():
+    """Dask's nanny starts workers with MALLOC_TRIM_THRESHOLD_=65536: every large buffer then comes fresh from the
+    kernel and faults in page by page; after keep_large_buffers() a freed buffer is reused."""
+    env = {**os.environ, "MALLOC_TRIM_THRESHOLD_": "65536"}
+    faults = {mode: int(subprocess.run([sys.executable, "-c", _FAULTS, mode], env=env, check=True,
+                                       capture_output=True, text=True).stdout)
+              for mode in ("default", "keep")}
+    pages = 100 * (32 << 20) // resource.getpagesize()
+    assert faults["default"] > 0.8 * pages
+    assert faults["keep"] < 0.3 * pages

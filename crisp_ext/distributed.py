@@ -323,3 +323,4 @@ def pick_distributed(picker, todo: Sequence, placement: Placement, *, map_path: 
                 f.release()
             with contextlib.suppress(Exception):
                 client.cancel(futures)
+

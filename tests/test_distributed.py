@@ -336,3 +336,20 @@ def test_relion_submits_crisp_relion_to_slurm_and_extract_takes_its_output(slurm
 
     extracted = starfile.read(root / "Extract/job003/particles.star", always_dict=True)["particles"]
     assert written > 0 and len(extracted) == written
+
+
+def test_training_on_a_local_worker_gives_this_process_model(project, trained, tmp_path):
+    """``crisp-ext train --workers local:1``: the training runs as one Dask task, its progress comes back here, and
+    the model is the one training in this process gives (same seed, one thread)."""
+    from test_cli import train_args
+
+    out = tmp_path / "remote"
+    rc, stdout, stderr = run_cli([*train_args(project, out), "--workers", "local:1"])
+    assert rc == 0, stderr
+    assert "training on a Dask worker (1 torch thread(s))" in stdout and "[train " in stdout
+    assert "model written to" in stdout and "on worker " in stdout
+    mine, theirs = (json.loads((d / "model.json").read_text()) for d in (out / "model", trained.model))
+    assert mine["validation"]["picking"] == theirs["validation"]["picking"]
+    assert mine["threshold"] == theirs["threshold"] and mine["selection"]["finder"] == theirs["selection"]["finder"]
+    rc, _, stderr = run_cli([*train_args(project, tmp_path / "two"), "--workers", "local:2"])
+    assert rc == 2 and "training runs once, on one worker; give local:1" in stderr

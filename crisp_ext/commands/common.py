@@ -88,10 +88,11 @@ def build_config(args):
     return cfg.updated(overrides) if overrides else cfg
 
 
-def add_placement_options(p: argparse.ArgumentParser) -> None:
-    g = p.add_argument_group("where picking runs (default: this process)")
-    g.add_argument("--workers", metavar="KIND:N", help="local:N worker processes here (one per GPU when there are "
-                                                        "GPUs), or N batch jobs: slurm:N (also pbs, sge, lsf, ...)")
+def add_placement_options(p: argparse.ArgumentParser, title: str = "where picking runs (default: this process)",
+                          workers_help: str = "local:N worker processes here (one per GPU when there are GPUs), or "
+                                              "N batch jobs: slurm:N (also pbs, sge, lsf, ...)") -> None:
+    g = p.add_argument_group(title)
+    g.add_argument("--workers", metavar="KIND:N", help=workers_help)
     g.add_argument("--scheduler", metavar="ADDRESS|FILE", help="an existing Dask scheduler (tcp://host:8786) or its "
                                                                "scheduler file")
     g.add_argument("--cluster-option", action="append", default=[], metavar="KEY=VALUE",

@@ -138,7 +138,7 @@ class TrainConfig:
     batch_size: int = 8  # patches per optimiser step
     lr: float = 1e-3  # peak learning rate of Adam's one-cycle schedule
     weight_decay: float = 0.0  # Adam weight decay
-    # dice | jaccard | lovasz | tversky | bce | focal, or a weighted sum such as "dice+0.5*bce". Default dice+bce
+    # dice | jaccard | lovasz | tversky | bce | focal | nnpu, or a weighted sum such as "dice+0.5*bce". Default dice+bce
     # (measured on EMPIAR-10017, 2 seeds): pixel IoU as Dice alone (0.69), picking AP 0.80-0.82 against 0.76-0.77,
     # because BCE keeps the probabilities calibrated for ranking picks. The paper used Dice alone.
     loss: str = "dice+bce"
@@ -306,7 +306,7 @@ class PickerConfig:
 
 ARCHS = ("unet", "unetplusplus", "manet", "linknet", "fpn", "pspnet", "deeplabv3", "deeplabv3plus", "pan",
          "upernet", "segformer", "dpt")
-LOSS_NAMES = ("dice", "jaccard", "tversky", "lovasz", "bce", "focal")
+LOSS_NAMES = ("dice", "jaccard", "tversky", "lovasz", "bce", "focal", "nnpu")  # crisp_ext.losses builds them
 
 
 @dataclass(frozen=True)

@@ -26,10 +26,10 @@ from typing import Callable
 import torch
 from torch import Tensor
 
+from .config import LOSS_NAMES as NAMES
 from .errors import InputError
 
 LossFn = Callable[[Tensor, Tensor, Tensor], Tensor]
-NAMES = ("dice", "jaccard", "tversky", "lovasz", "bce", "focal", "nnpu")
 _IGNORE = -1
 
 

@@ -254,3 +254,13 @@ def test_unlabelled_prior_from_the_unpicked_fraction():
     item = LabeledImage(image=np.zeros((10, 10), np.float32), labels=Labels(target, np.ones_like(target)))
     assert unlabelled_prior([item], 0.0) == 0.0
     assert unlabelled_prior([item], 0.5) == pytest.approx(10 / 90)  # as many unpicked as picked
+
+
+def test_every_loss_the_configuration_accepts_builds_and_every_built_one_is_accepted():
+    """The configuration's schema and the loss builder know the same names (``dice+nnpu`` was once refused)."""
+    from crisp_ext.config import LOSS_NAMES, PickerConfig
+
+    logits, target = torch.randn(1, 1, 8, 8), (torch.rand(1, 1, 8, 8) > 0.5).float()
+    for name in LOSS_NAMES:
+        cfg = PickerConfig().updated({"train.loss": f"dice+{name}", "labels.unpicked_fraction": 0.3})
+        assert torch.isfinite(build_loss(cfg.train.loss, prior=0.1)(logits, target, torch.ones_like(target)))

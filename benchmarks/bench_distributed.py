@@ -4,7 +4,8 @@
         [--out bench_out/distributed]
 
 Each configuration runs ``crisp-ext pick --model DIR`` in its own process on the same micrographs:
-``one:T`` (today's path, T torch threads), ``dask:NxT`` (``--workers local:N --threads T``). Reported: wall seconds
+``one:T`` (today's path, T torch threads), ``dask:NxT`` (``--workers local:N --threads T``), ``split:NxT`` (N
+independent one-process runs at once, each on 1/N of the micrographs: the ceiling N workers could reach here). Reported: wall seconds
 (process start, model load and cluster start included) and of picking (cluster start and model loading in the
 workers included), seconds per micrograph and micrographs per second in the steady state (one process: from the
 first picked micrograph to the last; Dask: from the first chunk's start to the last chunk's end on the workers,
@@ -28,7 +29,48 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 
 
+def run_split(kind: str, model: Path, mics: Path, out: Path) -> dict:
+    """``split:NxT``: N independent one-process runs (T threads each) on 1/N of the micrographs each, at the same
+    time — what N workers could reach on this machine with no Dask at all."""
+    n, t = (int(v) for v in kind.split(":")[1].split("x"))
+    files = sorted(mics.glob("*.mrc"))
+    procs, outs = [], []
+    before = resource.getrusage(resource.RUSAGE_CHILDREN)
+    t0 = time.perf_counter()
+    for k in range(n):
+        part = out / f"mics{k}"
+        part.mkdir(parents=True, exist_ok=True)
+        for f in files[k::n]:
+            if not (part / f.name).exists():
+                os.symlink(f.resolve(), part / f.name)
+        outs.append(out / f"out{k}")
+        procs.append(subprocess.Popen([sys.executable, "-m", "crisp_ext.cli", "pick", "--mics", str(part), "--model",
+                                       str(model), "--out", str(outs[-1]), "--quiet", "--overwrite", "--threads",
+                                       str(t)], cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE))
+    for proc in procs:
+        _, err = proc.communicate()
+        if proc.returncode:
+            raise SystemExit(f"{kind} failed: {err.decode().strip()[-500:]}")
+    wall = time.perf_counter() - t0
+    after = resource.getrusage(resource.RUSAGE_CHILDREN)
+    cpu = (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
+    sums = [json.loads((o / "summary.json").read_text()) for o in outs]
+    rate = sum(1.0 / (s["timings_s"].get("pick_steady_s_per_mic") or s["timings_s"]["pick"] / s["micrographs_picked"])
+               for s in sums)
+    coords = out / "coordinates"
+    coords.mkdir(exist_ok=True)
+    for o in outs:
+        for f in (o / "coordinates").glob("*.star"):
+            (coords / f.name).write_text(f.read_text())
+    return {"config": kind, "micrographs": sum(s["micrographs_picked"] for s in sums), "wall_s": round(wall, 2),
+            "pick_s": round(max(s["timings_s"]["pick"] for s in sums), 2), "mics_per_s": round(rate, 3),
+            "s_per_mic": round(1.0 / rate, 3), "cpu_percent": round(100 * cpu / wall),
+            "particles": sum(s["particles"] for s in sums)}
+
+
 def run(kind: str, model: Path, mics: Path, out: Path) -> dict:
+    if kind.startswith("split:"):
+        return run_split(kind, model, mics, out)
     name, spec = kind.split(":")
     if name == "one":
         extra = ["--threads", spec]

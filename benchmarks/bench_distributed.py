@@ -8,8 +8,7 @@ Each configuration runs ``crisp-ext pick --model DIR`` in its own process on the
 independent one-process runs at once, each on 1/N of the micrographs: the ceiling N workers could reach here). Reported: wall seconds
 (process start, model load and cluster start included) and of picking (cluster start and model loading in the
 workers included), seconds per micrograph and micrographs per second in the steady state (one process: from the
-first picked micrograph to the last; Dask: from the first chunk's start to the last chunk's end on the workers,
-model loading left out),
+first picked micrograph to the last; Dask: the same, as the workers picked them),
 CPU use (user + system CPU-seconds of the process and its children over wall seconds), and whether the picks are
 identical to the first configuration's. The speed-up of ``dask:2x1`` over ``one:1`` is the scale-out figure; the
 overhead of ``dask:1x1`` against ``one:1`` is the Dask path's cost per micrograph.

@@ -23,6 +23,7 @@ import hashlib
 import math
 import os
 import re
+import threading
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterator, Sequence
@@ -139,11 +140,12 @@ def _local_cluster(n: int, threads: int, say):
         say(f"{n} local Dask worker(s), one per GPU")
         from distributed import Scheduler
 
-        workers = {f"gpu{i}": {"cls": Nanny, "options": {"nthreads": 1, "env": {**env, "CUDA_VISIBLE_DEVICES": str(i)},
-                                                          "name": f"gpu{i}"}} for i in range(n)}
+        workers = {f"gpu{i}": {"cls": Nanny, "options": {"nthreads": CHUNKS_PER_WORKER, "name": f"gpu{i}",
+                                                          "env": {**env, "CUDA_VISIBLE_DEVICES": str(i)}}}
+                   for i in range(n)}
         return SpecCluster(workers=workers, scheduler={"cls": Scheduler, "options": {"dashboard_address": None}})
     say(f"{n} local Dask worker process(es), {threads} torch thread(s) each")
-    return LocalCluster(n_workers=n, threads_per_worker=1, processes=True, dashboard_address=None,
+    return LocalCluster(n_workers=n, threads_per_worker=CHUNKS_PER_WORKER, processes=True, dashboard_address=None,
                         env=env, silence_logs=40)
 
 
@@ -177,6 +179,10 @@ def _line(exc: BaseException) -> str:
 # -- the workers' side ---------------------------------------------------------------------------------------------
 
 _PICKERS: dict[str, Any] = {}  # per worker process: model key -> (model, device)
+# Workers run two chunks at a time (one reading its first micrograph, or finding its last centres, while the other
+# predicts); the network itself predicts one micrograph at a time, with the torch threads the worker was given.
+_PREDICT_LOCK = threading.Lock()
+CHUNKS_PER_WORKER = 2
 
 
 def _worker_model(model_ref: tuple, threads: int):
@@ -211,8 +217,9 @@ def _worker_model(model_ref: tuple, threads: int):
 
 def pick_chunk(model_ref: tuple, cfg_dict: dict, finder: str, params: dict, threshold: float, mics: list,
                threads: int, maps: list | None) -> tuple[list[tuple], tuple[float, float]]:
-    """Pick ``mics`` in a worker: ``([(micrograph id, xy, score, worker name), ...], (start, end))``, the wall-clock
-    times (``time.time()``) of the picking itself, the model loaded. An error names the micrograph it happened on."""
+    """Pick ``mics`` in a worker: ``([(micrograph id, xy, score, worker name), ...], (first, end))``, the wall-clock
+    times (``time.time()``) at which the first micrograph was picked and the last. An error names the micrograph it
+    happened on."""
     from .config import PickerConfig
     from concurrent.futures import ThreadPoolExecutor
 
@@ -222,7 +229,7 @@ def pick_chunk(model_ref: tuple, cfg_dict: dict, finder: str, params: dict, thre
     import time
 
     model, device = _worker_model(model_ref, threads)
-    started = time.time()
+    first: list[float] = []
     cfg = PickerConfig.from_dict(cfg_dict)
     loader = MicrographLoader(cfg)
     name = _worker_name()
@@ -248,10 +255,13 @@ def pick_chunk(model_ref: tuple, cfg_dict: dict, finder: str, params: dict, thre
             wi = ahead.result()
             if i + 1 < len(mics):
                 ahead = pool.submit(named, mics[i + 1], loader, mics[i + 1])
-            prob = named(mic, predict_map, model, wi.image, cfg.predict, device, map_channel(cfg))
+            with _PREDICT_LOCK:
+                prob = named(mic, predict_map, model, wi.image, cfg.predict, device, map_channel(cfg))
             pending.append(pool.submit(named, mic, centres, i, mic, wi, prob))
+            if i == 0:
+                pending[0].add_done_callback(lambda _: first.append(time.time()))
         rows = [f.result() for f in pending]
-    return rows, (started, time.time())
+    return rows, (first[0] if first else time.time(), time.time())
 
 
 def _worker_name() -> str:
@@ -281,7 +291,7 @@ def pick_distributed(picker, todo: Sequence, placement: Placement, *, map_path: 
                      should_abort: Callable[[], bool], say: Callable[[str], None]
                      ) -> Iterator[tuple[list[tuple[Any, np.ndarray, np.ndarray, str]], tuple[float, float]]]:
     """Yield, for each chunk of ``todo`` as it completes, its ``[(micrograph, xy, score, worker name), ...]`` and
-    when the worker started and ended picking it (``time.time()``)."""
+    when its worker had picked the first of them and the last (``time.time()``)."""
     from distributed import as_completed
     from distributed.client import FutureCancelledError
 

@@ -493,7 +493,7 @@ def pick(
         return Path(map_path(mic)) if map_path else work_dir / "maps" / f"{mic.name}_probability.mrc"
 
     arrivals: list[float] = []
-    spans: list[tuple[float, float]] = []  # Dask: when each chunk's picking started and ended on its worker
+    spans: list[tuple[float, float]] = []  # Dask: when each chunk's first and last micrograph were picked
 
     def done(i: int, mic: Micrograph, picks: Particles, wi: WorkingImage | None, where: str = "") -> None:
         nonlocal overlays
@@ -541,10 +541,10 @@ def pick(
                 done(k, *queue.popleft().result())
                 k += 1
     timings["pick"] = time.perf_counter() - t0
-    # steady state, start-up (a cluster, model loading) left out: from the first micrograph picked to the last in one
-    # process; from the first chunk's start to the last chunk's end on the workers
-    if spans:
-        timings["pick_steady_s_per_mic"] = (max(e for _, e in spans) - min(b for b, _ in spans)) / len(arrivals)
+    # steady state, start-up (a cluster, model loading, the first micrograph) left out: from the first micrograph
+    # picked to the last, in one process as they arrive, on Dask workers as the workers picked them
+    if spans and len(arrivals) > 1:
+        timings["pick_steady_s_per_mic"] = (max(e for _, e in spans) - min(b for b, _ in spans)) / (len(arrivals) - 1)
     elif len(arrivals) > 1:
         timings["pick_steady_s_per_mic"] = (arrivals[-1] - arrivals[0]) / (len(arrivals) - 1)
     # in the micrographs' order, whichever worker finished first

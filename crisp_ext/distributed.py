@@ -23,7 +23,6 @@ import hashlib
 import math
 import os
 import re
-import threading
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterator, Sequence
@@ -140,12 +139,12 @@ def _local_cluster(n: int, threads: int, say):
         say(f"{n} local Dask worker(s), one per GPU")
         from distributed import Scheduler
 
-        workers = {f"gpu{i}": {"cls": Nanny, "options": {"nthreads": CHUNKS_PER_WORKER, "name": f"gpu{i}",
+        workers = {f"gpu{i}": {"cls": Nanny, "options": {"nthreads": 1, "name": f"gpu{i}",
                                                           "env": {**env, "CUDA_VISIBLE_DEVICES": str(i)}}}
                    for i in range(n)}
         return SpecCluster(workers=workers, scheduler={"cls": Scheduler, "options": {"dashboard_address": None}})
     say(f"{n} local Dask worker process(es), {threads} torch thread(s) each")
-    return LocalCluster(n_workers=n, threads_per_worker=CHUNKS_PER_WORKER, processes=True, dashboard_address=None,
+    return LocalCluster(n_workers=n, threads_per_worker=1, processes=True, dashboard_address=None,
                         env=env, silence_logs=40)
 
 
@@ -179,10 +178,6 @@ def _line(exc: BaseException) -> str:
 # -- the workers' side ---------------------------------------------------------------------------------------------
 
 _PICKERS: dict[str, Any] = {}  # per worker process: model key -> (model, device)
-# Workers run two chunks at a time (one reading its first micrograph, or finding its last centres, while the other
-# predicts); the network itself predicts one micrograph at a time, with the torch threads the worker was given.
-_PREDICT_LOCK = threading.Lock()
-CHUNKS_PER_WORKER = 2
 
 
 def _worker_model(model_ref: tuple, threads: int):
@@ -255,8 +250,7 @@ def pick_chunk(model_ref: tuple, cfg_dict: dict, finder: str, params: dict, thre
             wi = ahead.result()
             if i + 1 < len(mics):
                 ahead = pool.submit(named, mics[i + 1], loader, mics[i + 1])
-            with _PREDICT_LOCK:
-                prob = named(mic, predict_map, model, wi.image, cfg.predict, device, map_channel(cfg))
+            prob = named(mic, predict_map, model, wi.image, cfg.predict, device, map_channel(cfg))
             pending.append(pool.submit(named, mic, centres, i, mic, wi, prob))
             if i == 0:
                 pending[0].add_done_callback(lambda _: first.append(time.time()))

@@ -5,7 +5,8 @@
 
 Each configuration runs ``crisp-ext pick --model DIR`` in its own process on the same micrographs:
 ``one:T`` (today's path, T torch threads), ``dask:NxT`` (``--workers local:N --threads T``), ``split:NxT`` (N
-independent one-process runs at once, each on 1/N of the micrographs: the ceiling N workers could reach here). Reported: wall seconds
+independent one-process runs at once, each on 1/N of the micrographs: the ceiling N workers could reach here).
+Reported: wall seconds
 (process start, model load and cluster start included) and of picking (cluster start and model loading in the
 workers included), seconds per micrograph and micrographs per second in the steady state (one process: from the
 first picked micrograph to the last; Dask: the same, as the workers picked them),
@@ -26,6 +27,12 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
+
+
+def steady_s_per_mic(summary: dict) -> float:
+    """Steady-state seconds per micrograph of one run's summary (all of picking when it has no steady state)."""
+    t = summary["timings_s"]
+    return t.get("pick_steady_s_per_mic") or t["pick"] / summary["micrographs_picked"]
 
 
 def run_split(kind: str, model: Path, mics: Path, out: Path) -> dict:
@@ -54,8 +61,7 @@ def run_split(kind: str, model: Path, mics: Path, out: Path) -> dict:
     after = resource.getrusage(resource.RUSAGE_CHILDREN)
     cpu = (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
     sums = [json.loads((o / "summary.json").read_text()) for o in outs]
-    rate = sum(1.0 / (s["timings_s"].get("pick_steady_s_per_mic") or s["timings_s"]["pick"] / s["micrographs_picked"])
-               for s in sums)
+    rate = sum(1.0 / steady_s_per_mic(s) for s in sums)
     coords = out / "coordinates"
     coords.mkdir(exist_ok=True)
     for o in outs:
@@ -89,7 +95,7 @@ def run(kind: str, model: Path, mics: Path, out: Path) -> dict:
     summary = json.loads((out / "summary.json").read_text())
     n = summary["micrographs_picked"]
     pick_s = summary["timings_s"]["pick"]
-    steady = summary["timings_s"].get("pick_steady_s_per_mic") or pick_s / n
+    steady = steady_s_per_mic(summary)
     return {"config": kind, "micrographs": n, "wall_s": round(wall, 2), "pick_s": round(pick_s, 2),
             "mics_per_s": round(1.0 / steady, 3), "s_per_mic": round(steady, 3),
             "cpu_percent": round(100 * cpu / wall), "particles": summary["particles"]}

@@ -29,7 +29,7 @@ from typing import Any, Callable, Iterator, Sequence
 
 import numpy as np
 
-from .errors import Aborted, InputError, RunFailed
+from .errors import Aborted, InputError, RunFailed, one_line
 
 JOBQUEUE = {"slurm": "SLURMCluster", "pbs": "PBSCluster", "sge": "SGECluster", "lsf": "LSFCluster",
             "oar": "OARCluster", "htcondor": "HTCondorCluster", "moab": "MoabCluster"}
@@ -93,7 +93,8 @@ def threads_per_worker(placement: Placement, threads: int | None) -> int:
 
 @contextlib.contextmanager
 def open_client(placement: Placement, threads: int, progress=None) -> Iterator[Any]:
-    """A Dask client on the cluster ``placement`` describes, closed (and the cluster shut down) afterwards."""
+    """A Dask client on the cluster ``placement`` describes, with at least one worker up (batch jobs and an existing
+    scheduler are waited for, up to 10 minutes), closed (and the cluster shut down) afterwards."""
     from distributed import Client
 
     say = progress or (lambda message: None)
@@ -118,8 +119,11 @@ def open_client(placement: Placement, threads: int, progress=None) -> Iterator[A
         if cluster is not None:
             with contextlib.suppress(Exception):
                 cluster.close()
-        raise RunFailed(f"cannot reach the Dask scheduler ({_line(exc)}); check --scheduler / --workers") from None
+        raise RunFailed(f"cannot reach the Dask scheduler ({one_line(exc)}); check --scheduler / --workers") from None
     try:
+        if placement.kind in JOBQUEUE or placement.kind == "scheduler":
+            with contextlib.suppress(TimeoutError, OSError):
+                client.wait_for_workers(1, timeout=600)
         yield client
     finally:
         with contextlib.suppress(Exception):
@@ -166,13 +170,8 @@ def _jobqueue_cluster(placement: Placement, threads: int):
     try:
         return cls(**kwargs)
     except (TypeError, ValueError) as exc:
-        raise InputError(f"--workers {placement.kind}:{placement.workers}: {_line(exc)} (see the Dask jobqueue "
+        raise InputError(f"--workers {placement.kind}:{placement.workers}: {one_line(exc)} (see the Dask jobqueue "
                          f"configuration and --cluster-option)") from None
-
-
-def _line(exc: BaseException) -> str:
-    text = str(exc).strip().splitlines()
-    return text[0][:300] if text else exc.__class__.__name__
 
 
 # -- the workers' side ---------------------------------------------------------------------------------------------
@@ -227,7 +226,7 @@ def pick_chunk(model_ref: tuple, cfg_dict: dict, finder: str, params: dict, thre
     first: list[float] = []
     cfg = PickerConfig.from_dict(cfg_dict)
     loader = MicrographLoader(cfg)
-    name = _worker_name()
+    name = worker_name()
 
     def named(mic, fn, *args):
         try:
@@ -235,7 +234,7 @@ def pick_chunk(model_ref: tuple, cfg_dict: dict, finder: str, params: dict, thre
         except InputError as exc:
             raise InputError(f"{mic.path}: {exc}" if str(mic.path) not in str(exc) else str(exc)) from None
         except Exception as exc:  # noqa: BLE001 - reported by name in the driver
-            raise RunFailed(f"{mic.path}: picking failed on worker {name}: {type(exc).__name__}: {_line(exc)}"
+            raise RunFailed(f"{mic.path}: picking failed on worker {name}: {type(exc).__name__}: {one_line(exc)}"
                             ) from None
 
     def centres(i, mic, wi, prob):
@@ -258,7 +257,7 @@ def pick_chunk(model_ref: tuple, cfg_dict: dict, finder: str, params: dict, thre
     return rows, (first[0] if first else time.time(), time.time())
 
 
-def _worker_name() -> str:
+def worker_name() -> str:
     try:
         from distributed import get_worker
 
@@ -293,9 +292,6 @@ def pick_distributed(picker, todo: Sequence, placement: Placement, *, map_path: 
     threads = threads_per_worker(placement, cfg.train.threads)
     by_id = {m.id: m for m in todo}
     with open_client(placement, threads, say) as client:
-        if placement.kind in JOBQUEUE or placement.kind == "scheduler":
-            with contextlib.suppress(TimeoutError, OSError):
-                client.wait_for_workers(1, timeout=600)
         n_workers = max(1, len(client.scheduler_info(n_workers=-1).get("workers", {})) or placement.workers)
         model_ref = _model_ref(client, picker.model_dir, say)
         if model_ref[0] == "bytes":
@@ -320,7 +316,7 @@ def pick_distributed(picker, todo: Sequence, placement: Placement, *, map_path: 
                 except FutureCancelledError:
                     raise RunFailed("the Dask scheduler cancelled the picking (lost scheduler?)") from None
                 except Exception as exc:  # KilledWorker, lost scheduler, communication errors
-                    raise RunFailed(f"picking on Dask failed: {type(exc).__name__}: {_line(exc)}") from None
+                    raise RunFailed(f"picking on Dask failed: {type(exc).__name__}: {one_line(exc)}") from None
                 yield [(by_id[mid], xy, score, worker) for mid, xy, score, worker in rows], span
         finally:
             for f in futures:

@@ -12,3 +12,9 @@ class Aborted(RuntimeError):
 class RunFailed(RuntimeError):
     """The run could not finish for a reason outside the input (a lost Dask scheduler, workers that kept dying);
     the message is one line naming what failed."""
+
+
+def one_line(exc: BaseException) -> str:
+    """The first line of an exception's message (at most 300 characters), or its type's name when it has none."""
+    text = str(exc).strip().splitlines()
+    return (text[0] if text else type(exc).__name__)[:300]

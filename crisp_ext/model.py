@@ -17,7 +17,7 @@ import torch
 import torch.nn as nn
 
 from .config import ModelConfig
-from .errors import InputError
+from .errors import InputError, one_line
 
 ARCHS = ("unet", "unetplusplus", "manet", "linknet", "fpn", "pspnet", "deeplabv3", "deeplabv3plus", "pan",
          "upernet", "segformer", "dpt")
@@ -59,10 +59,10 @@ def build_model(cfg: ModelConfig, classes: int = 1) -> nn.Module:
                          f"model as 'tu-<name>'") from None
     except Exception as exc:  # unknown timm names, bad arguments, and download failures of many types
         if weights == "imagenet" and not isinstance(exc, (ValueError, TypeError)):
-            raise InputError(f"cannot get ImageNet weights for encoder {cfg.encoder} ({_one_line(exc)}); give "
+            raise InputError(f"cannot get ImageNet weights for encoder {cfg.encoder} ({one_line(exc)}); give "
                              f"model.encoder_weights as a local weights file, or None to train from scratch") \
                 from None
-        raise InputError(f"cannot build model {cfg.arch} with encoder {cfg.encoder}: {_one_line(exc)}") from None
+        raise InputError(f"cannot build model {cfg.arch} with encoder {cfg.encoder}: {one_line(exc)}") from None
     if local:
         load_encoder_weights(model.encoder, Path(str(weights)))
     momentum = getattr(cfg, "bn_momentum", 0.0)
@@ -98,11 +98,6 @@ def packaged_weights(encoder: str) -> Path:
     return path
 
 
-def _one_line(exc: BaseException) -> str:
-    text = str(exc).strip().splitlines()
-    return (text[0] if text else type(exc).__name__)[:300]
-
-
 def _read_state_dict(path: Path) -> dict[str, torch.Tensor]:
     if not path.is_file():
         raise InputError(f"{path}: encoder weights file not found (model.encoder_weights)")
@@ -114,7 +109,7 @@ def _read_state_dict(path: Path) -> dict[str, torch.Tensor]:
         else:
             data = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:
-        raise InputError(f"{path}: cannot read encoder weights ({_one_line(exc)})") from None
+        raise InputError(f"{path}: cannot read encoder weights ({one_line(exc)})") from None
     for key in ("state_dict", "model", "model_state_dict"):
         if isinstance(data, dict) and key in data and isinstance(data[key], dict):
             data = data[key]

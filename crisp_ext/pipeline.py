@@ -346,7 +346,8 @@ def _select(model, cfg: PickerConfig, prepared: dict, diam_w: dict, val: list[st
 
 
 def _self_train(round_: int, result, base_cfg: PickerConfig, cfg: PickerConfig, selection, threshold: float,
-                val_picks, micrographs, by_id, groups, prepared: dict, diam_w: dict, train: list[str], val: list[str], loader,
+                val_picks, micrographs, by_id, groups, prepared: dict, diam_w: dict, train: list[str], val: list[str],
+                loader,
                 model_dir: Path, progress, should_abort):
     """One round of self-training (see :mod:`crisp_ext.pseudo_labels`): the picker's confident picks become extra
     positives on the training micrographs and on unpicked micrographs, and the network is fine-tuned from its
@@ -543,10 +544,9 @@ def pick(
     timings["pick"] = time.perf_counter() - t0
     # steady state, start-up (a cluster, model loading, the first micrograph) left out: from the first micrograph
     # picked to the last, in one process as they arrive, on Dask workers as the workers picked them
-    if spans and len(arrivals) > 1:
-        timings["pick_steady_s_per_mic"] = (max(e for _, e in spans) - min(b for b, _ in spans)) / (len(arrivals) - 1)
-    elif len(arrivals) > 1:
-        timings["pick_steady_s_per_mic"] = (arrivals[-1] - arrivals[0]) / (len(arrivals) - 1)
+    if len(arrivals) > 1:
+        first, last = (min(b for b, _ in spans), max(e for _, e in spans)) if spans else (arrivals[0], arrivals[-1])
+        timings["pick_steady_s_per_mic"] = (last - first) / (len(arrivals) - 1)
     # in the micrographs' order, whichever worker finished first
     done_picks = [by_mic[m.id] for m in todo if m.id in by_mic]
     picks = Particles.concat(done_picks) if done_picks else Particles.empty(with_score=True)

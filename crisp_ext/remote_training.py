@@ -8,8 +8,15 @@ import os
 from pathlib import Path
 from typing import Callable
 
-from .distributed import JOBQUEUE, Placement, _line, _worker_name, open_client, threads_per_worker
-from .errors import Aborted, InputError, RunFailed
+from .distributed import Placement, open_client, threads_per_worker, worker_name
+from .errors import Aborted, InputError, RunFailed, one_line
+
+
+def trained_summary(picker) -> dict:
+    """What ``crisp-ext train`` reports of a trained picker, wherever it trained."""
+    return {"model_dir": str(picker.model_dir), "labels": picker.info.get("labels", "?"),
+            "validation": picker.validation, "finder": picker.finder, "threshold": picker.threshold}
+
 
 def train_task(kwargs: dict, cfg_dict: dict, threads: int, queue_name: str, abort_name: str) -> dict:
     """Train in a worker (``crisp-ext train --workers``): ``prepare_picker`` with ``kwargs``, its progress sent to
@@ -24,7 +31,7 @@ def train_task(kwargs: dict, cfg_dict: dict, threads: int, queue_name: str, abor
 
     configure_threads(threads)
     queue, abort = Queue(queue_name), Event(abort_name)
-    name = _worker_name()
+    name = worker_name()
     checked = [0.0, False]
 
     def progress(event) -> None:
@@ -38,9 +45,7 @@ def train_task(kwargs: dict, cfg_dict: dict, threads: int, queue_name: str, abor
 
     cfg = PickerConfig.from_dict(cfg_dict).updated({"train.threads": threads})
     picker = prepare_picker(config=cfg, progress=progress, should_abort=should_abort, **kwargs)
-    return {"model_dir": str(picker.model_dir), "labels": picker.info.get("labels", "?"),
-            "validation": picker.validation, "finder": picker.finder, "threshold": picker.threshold,
-            "worker": name}
+    return {**trained_summary(picker), "worker": name}
 
 
 def train_on_workers(placement: Placement, kwargs: dict, cfg, *, progress: Callable, say: Callable[[str], None],
@@ -57,9 +62,6 @@ def train_on_workers(placement: Placement, kwargs: dict, cfg, *, progress: Calla
     threads = threads_per_worker(placement, cfg.train.threads)
     work_dir = str(Path(kwargs["work_dir"]).resolve())
     with open_client(placement, threads, say) as client:
-        if placement.kind in JOBQUEUE or placement.kind == "scheduler":
-            with contextlib.suppress(TimeoutError, OSError):
-                client.wait_for_workers(1, timeout=600)
         seen = client.run(os.path.isdir, work_dir)
         if not seen or not all(seen.values()):
             raise InputError(f"{work_dir}: the Dask workers cannot see this output folder; put --out on a file "
@@ -92,7 +94,7 @@ def train_on_workers(placement: Placement, kwargs: dict, cfg, *, progress: Calla
             except (InputError, RunFailed, Aborted):
                 raise
             except Exception as exc:  # KilledWorker, lost scheduler, communication errors
-                raise RunFailed(f"training on Dask failed: {type(exc).__name__}: {_line(exc)}") from None
+                raise RunFailed(f"training on Dask failed: {type(exc).__name__}: {one_line(exc)}") from None
         except KeyboardInterrupt:
             with contextlib.suppress(Exception):  # stop the training on the worker, which Dask cannot kill
                 abort.set()

@@ -18,7 +18,8 @@ picks, 0.001 for 1000), the lowest wins. Curated picks leave true particles out,
 against them, so near-ties are settled towards recall; on sparse data with saturated scores the F1 maximum is a
 plateau whose highest edge can sit on the steep side of the score distribution (a simulated sparse scene: the best
 validation F1 0.836 at threshold 0.90, 0.833 at 0.85, test F1 0.959 and 0.990). The threshold lies halfway between
-the score of the last pick kept and the next lower score, so that it does not sit on a validation pick. Each candidate in the table also carries P/R/F1 at its own best threshold.
+the score of the last pick kept and the next lower score, so that it does not sit on a validation pick. Each
+candidate in the table also carries P/R/F1 at its own chosen threshold.
 """
 
 from __future__ import annotations

@@ -46,12 +46,11 @@ def _run(args, stack) -> int:
     kwargs = dict(micrographs=mics, work_dir=out, particles=picks, reference=reference, train_ids=train_ids,
                   val_ids=val_ids)
     progress = common.progress(args)
+    from ..remote_training import trained_summary, train_on_workers
+
     if where is None:
-        picker = prepare_picker(config=cfg, progress=progress, **kwargs)
-        trained = {"model_dir": picker.model_dir, "labels": picker.info.get("labels", "?"),
-                   "validation": picker.validation, "finder": picker.finder, "threshold": picker.threshold}
+        trained = trained_summary(prepare_picker(config=cfg, progress=progress, **kwargs))
     else:
-        from ..remote_training import train_on_workers
         from ..progress import ProgressEvent
 
         trained = train_on_workers(where, kwargs, cfg, progress=progress,

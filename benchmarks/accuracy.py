@@ -52,6 +52,7 @@ CANDIDATES: dict[str, dict] = {
     "centre_auto": {"labels.centre_weight": 1.0, "centres.map": "auto", "centres.edge": "auto"},
     "disk05": {"labels.disk_fraction": 0.5},
     "centre_disk05": {"labels.centre_weight": 1.0, "labels.disk_fraction": 0.5},
+    "tta2": {"predict.tta": 2},
     "tta8": {"predict.tta": 8},
     "lite0": {"model.encoder": "tu-efficientnet_lite0", "model.encoder_weights": "packaged"},
     "centre_lite0": {"labels.centre_weight": 1.0, "centres.map": "auto", "centres.edge": "auto",

@@ -268,6 +268,17 @@ def worker_name() -> str:
 
 # -- the driver's side ---------------------------------------------------------------------------------------------
 
+def chunk_sizes(n: int, workers: int, largest: int = 8) -> list[int]:
+    """Micrographs per chunk, in the order the chunks are submitted: each at most ``largest`` and at most half of
+    an even share of what is left, so that chunks shrink towards the end and the workers finish together rather
+    than one idling while another picks its last large chunk."""
+    sizes, left = [], n
+    while left > 0:
+        sizes.append(max(1, min(largest, math.ceil(left / (2 * max(1, workers))))))
+        left -= sizes[-1]
+    return sizes
+
+
 def _model_ref(client, model_dir: Path, say) -> tuple:
     """How workers get the model: its path when every worker sees it, else its files shipped through Dask."""
     weights = str(Path(model_dir).resolve() / "weights.pt")
@@ -296,14 +307,16 @@ def pick_distributed(picker, todo: Sequence, placement: Placement, *, map_path: 
         model_ref = _model_ref(client, picker.model_dir, say)
         if model_ref[0] == "bytes":
             model_ref = (model_ref[0], client.scatter(model_ref[1], broadcast=True), model_ref[2])
-        size = max(1, min(8, math.ceil(len(todo) / (4 * n_workers))))
-        chunks = [list(todo[i:i + size]) for i in range(0, len(todo), size)]
+        sizes = chunk_sizes(len(todo), n_workers)
+        starts = np.cumsum([0, *sizes])
+        chunks = [list(todo[a:b]) for a, b in zip(starts[:-1], starts[1:])]
         cfg_dict = cfg.to_dict()
         futures = [client.submit(pick_chunk, model_ref, cfg_dict, picker.finder, picker.params, picker.threshold,
                                  chunk, threads, [str(map_path(m)) if map_path else None for m in chunk]
                                  if cfg.predict.save_maps else None, pure=False, key=f"crisp-pick-{k}")
                    for k, chunk in enumerate(chunks)]
-        say(f"picking {len(todo)} micrograph(s) in {len(chunks)} chunk(s) of up to {size} on {n_workers} worker(s)")
+        say(f"picking {len(todo)} micrograph(s) in {len(chunks)} chunk(s) of up to {max(sizes)} on {n_workers} "
+            f"worker(s)")
         pending = as_completed(futures, with_results=False)
         try:
             for future in pending:

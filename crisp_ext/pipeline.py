@@ -494,7 +494,7 @@ def pick(
         return Path(map_path(mic)) if map_path else work_dir / "maps" / f"{mic.name}_probability.mrc"
 
     arrivals: list[float] = []
-    spans: list[tuple[float, float]] = []  # Dask: when each chunk's first and last micrograph were picked
+    spans: list[tuple[str, int, float, float]] = []  # Dask, per chunk: worker, micrographs, first and last picked
 
     def done(i: int, mic: Micrograph, picks: Particles, wi: WorkingImage | None, where: str = "") -> None:
         nonlocal overlays
@@ -516,7 +516,7 @@ def pick(
         stream = pick_distributed(picker, todo, placement, map_path=map_file, should_abort=should_abort,
                                   say=lambda text: progress(ProgressEvent("pick", message=text)))
         for batch, span in stream:
-            spans.append(span)
+            spans.append((batch[0][3] if batch else "", len(batch), *span))
             for mic, xy, score, worker in batch:
                 done(len(arrivals), mic, Particles.for_one(mic.id, xy, score), None, f" (worker {worker})")
     else:
@@ -542,11 +542,7 @@ def pick(
                 done(k, *queue.popleft().result())
                 k += 1
     timings["pick"] = time.perf_counter() - t0
-    # steady state, start-up (a cluster, model loading, the first micrograph) left out: from the first micrograph
-    # picked to the last, in one process as they arrive, on Dask workers as the workers picked them
-    if len(arrivals) > 1:
-        first, last = (min(b for b, _ in spans), max(e for _, e in spans)) if spans else (arrivals[0], arrivals[-1])
-        timings["pick_steady_s_per_mic"] = (last - first) / (len(arrivals) - 1)
+    timings.update(steady_state(arrivals, spans))
     # in the micrographs' order, whichever worker finished first
     done_picks = [by_mic[m.id] for m in todo if m.id in by_mic]
     picks = Particles.concat(done_picks) if done_picks else Particles.empty(with_score=True)
@@ -592,6 +588,29 @@ def run(
                   should_abort=should_abort, progress=progress, placement=placement)
     result.timings["total"] = time.perf_counter() - t0
     return result
+
+
+def steady_state(arrivals: Sequence[float], spans: Sequence[tuple[str, int, float, float]]) -> dict[str, float]:
+    """Seconds per micrograph once picking runs, start-up (a cluster, model loading, the first micrograph) left out.
+
+    One process: from the first micrograph picked to the last, as they arrived (``arrivals``). Dask workers, from
+    each chunk's ``(worker, micrographs, first picked, last picked)``: ``pick_steady_s_per_mic`` from the workers'
+    rates added up, each from the first micrograph it picked to its last (how fast the workers pick together once
+    all are up, as independent processes would be timed), and ``pick_span_s_per_mic`` from the first micrograph
+    any worker picked to the last (which also counts workers starting at different times and the last chunks'
+    tail)."""
+    if len(arrivals) < 2:
+        return {}
+    if not spans:
+        return {"pick_steady_s_per_mic": (arrivals[-1] - arrivals[0]) / (len(arrivals) - 1)}
+    span = (max(e for *_, e in spans) - min(b for *_, b, _ in spans)) / (len(arrivals) - 1)
+    rate = 0.0
+    for worker in {w for w, *_ in spans}:
+        mine = [s for s in spans if s[0] == worker]
+        n, seconds = sum(s[1] for s in mine), max(s[3] for s in mine) - min(s[2] for s in mine)
+        if n > 1 and seconds > 0:
+            rate += (n - 1) / seconds
+    return {"pick_steady_s_per_mic": 1.0 / rate if rate else span, "pick_span_s_per_mic": span}
 
 
 def _picking_config(saved: PickerConfig, given: PickerConfig, info: dict) -> PickerConfig:

@@ -23,8 +23,11 @@ def _save(fig, path: Path, dpi: int = 110) -> Path:
     plt = _pyplot()
     path = Path(path)
     try:
+        # zlib level 1: a noisy micrograph barely compresses at any level; level 1 took half the time (0.2-0.3 s vs
+        # 0.45-0.5 s for an 880 px overlay) and gave a smaller file here
+        extra = {"pil_kwargs": {"compress_level": 1}} if path.suffix.lower() == ".png" else {}
         with atomic_path(path) as tmp:
-            fig.savefig(tmp, dpi=dpi, bbox_inches="tight")
+            fig.savefig(tmp, dpi=dpi, bbox_inches="tight", **extra)
     finally:
         plt.close(fig)
     return path

@@ -54,6 +54,18 @@ def test_placement_parsing():
         parse_placement("local:2", "tcp://x:1")
 
 
+def test_chunks_shrink_towards_the_end():
+    from crisp_ext.distributed import chunk_sizes
+
+    for n, workers in ((96, 2), (10_000, 16), (7, 3), (1, 4)):
+        sizes = chunk_sizes(n, workers)
+        assert sum(sizes) == n and max(sizes) <= 8 and min(sizes) >= 1
+        assert sizes == sorted(sizes, reverse=True)
+        # the last chunk each worker takes is small: the workers finish within about one micrograph of each other
+        assert max(sizes[-workers:]) <= 2
+    assert chunk_sizes(0, 2) == []
+
+
 def test_two_local_workers_give_the_single_process_picks(project, trained, single, tmp_path):
     out = tmp_path / "dask"
     rc, stdout, stderr = run_cli(["pick", "--mics", project.mics, "--model", trained.model, "--out", out,

@@ -1,4 +1,5 @@
-"""The pipeline's data-driven rules: the edge rule chosen from the curated picks, the training-set sanity check."""
+"""The pipeline's data-driven rules: the edge rule chosen from the curated picks, the training-set sanity check; its
+steady-state picking figure."""
 
 from __future__ import annotations
 
@@ -10,7 +11,7 @@ import pytest
 from crisp_ext.config import PickerConfig
 from crisp_ext.errors import InputError
 from crisp_ext.io.mrc import write_mrc
-from crisp_ext.pipeline import check_training_picks, choose_edge_rule
+from crisp_ext.pipeline import check_training_picks, choose_edge_rule, steady_state
 from crisp_ext.types import Micrograph, Particles
 
 
@@ -48,3 +49,15 @@ def test_training_picks_outside_their_micrograph(tmp_path):
     binned = Particles.for_one("m0", [[250, 30], [300, 180], [60, 40]])  # coordinates of a 2x larger micrograph
     with pytest.raises(InputError, match="2 of 3 training picks lie outside.*binning"):
         check_training_picks(mics, binned, cfg)
+
+
+def test_steady_state_adds_up_the_workers_rates():
+    # one process: 5 micrographs picked 1 s apart after a long start-up
+    assert steady_state([10.0, 11.0, 12.0, 13.0, 14.0], []) == {"pick_steady_s_per_mic": 1.0}
+    # two workers, 2 s per micrograph each, the second up 6 s after the first and idle at the end: together 1 s per
+    # micrograph once both run; the span also counts the late start and the tail
+    spans = [("a", 4, 0.0, 6.0), ("a", 4, 8.0, 14.0), ("b", 4, 6.0, 12.0)]
+    figures = steady_state([0.0] * 12, spans)
+    assert figures["pick_steady_s_per_mic"] == pytest.approx(1.0 / (7 / 14 + 3 / 6))
+    assert figures["pick_span_s_per_mic"] == pytest.approx(14.0 / 11)
+    assert steady_state([0.0], spans) == {}

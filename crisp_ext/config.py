@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable, get_type_hints
 
-from .errors import InputError
+from .errors import InputError, one_line
 
 
 class ConfigError(InputError):
@@ -544,8 +544,7 @@ def load_config(path: str | Path) -> PickerConfig:
     except ConfigError:
         raise
     except Exception as exc:  # parse errors of the three libraries (JSON's, TOML's and YAML's: all one line here)
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else exc.__class__.__name__
-        raise ConfigError(f"{path}: cannot parse the config file: {first}") from None
+        raise ConfigError(f"{path}: cannot parse the config file: {one_line(exc)}") from None
     try:
         return PickerConfig.from_dict(data)
     except ConfigError as exc:

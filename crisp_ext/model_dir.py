@@ -21,7 +21,7 @@ import torch
 import torch.nn as nn
 
 from .config import PickerConfig, load_config, save_config
-from .errors import InputError
+from .errors import InputError, one_line
 from .io.atomic import atomic_path, atomic_write_text
 
 FORMAT = "crisp-ext model"
@@ -126,9 +126,8 @@ def load_model_dir(path: str | Path, device: torch.device | str | None = None) -
         state = torch.load(path / "weights.pt", map_location="cpu", weights_only=True)
         model.load_state_dict(state)
     except RuntimeError as exc:
-        first = str(exc).strip().splitlines()[0][:200]
         raise InputError(f"{path / 'weights.pt'}: weights do not fit the model that config.toml describes "
-                         f"({first}); the directory is damaged or from an incompatible crisp-ext") from None
+                         f"({one_line(exc)[:200]}); the directory is damaged or from an incompatible crisp-ext") from None
     except Exception as exc:
         raise InputError(f"{path / 'weights.pt'}: cannot read ({exc.__class__.__name__}); the model directory is "
                          f"damaged") from None

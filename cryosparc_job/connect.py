@@ -11,7 +11,7 @@ import os
 import re
 import warnings
 
-from crisp_ext.errors import InputError
+from crisp_ext.errors import InputError, one_line
 
 
 class CryoSPARCError(InputError):
@@ -113,11 +113,9 @@ def _explain(cause: BaseException | None, url: str, email: str | None) -> str:
                 f"web app's address and base port, e.g. :39000); CryoSPARC v4 instances are not supported live, use "
                 f"`crisp-cryosparc offline` on the project directory")
     if isinstance(cause, (httpx.TransportError, OSError)):
-        reason = str(cause).strip() or type(cause).__name__
-        return (f"cannot reach CryoSPARC at {url} ({reason}): check the URL and port and that the instance is "
+        return (f"cannot reach CryoSPARC at {url} ({one_line(cause)}): check the URL and port and that the instance is "
                 f"running (cryosparcm status)")
-    first = (str(cause).strip().splitlines() or [type(cause).__name__])[0] if cause else "unknown error"
-    return f"cannot connect to CryoSPARC at {url}: {first}"
+    return f"cannot connect to CryoSPARC at {url}: {one_line(cause) if cause else 'unknown error'}"
 
 
 def error_text(exc: BaseException) -> str:
@@ -127,5 +125,4 @@ def error_text(exc: BaseException) -> str:
     if isinstance(exc, APIError):
         detail = exc.data.get("detail") if isinstance(exc.data, dict) else exc.data
         return f"{detail if detail else 'request failed'} (HTTP {exc.code})"
-    lines = str(exc).strip().splitlines()
-    return lines[0] if lines else type(exc).__name__
+    return one_line(exc)

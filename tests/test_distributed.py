@@ -1,6 +1,7 @@
 """Picking on Dask: a LocalCluster gives exactly the single-process picks, a worker killed mid-run loses no
 micrograph and doubles none, and a real single-node SLURM cluster (Debian's slurm-wlm + munge, started here as root)
-runs the workers as batch jobs, surviving a cancelled job."""
+runs the workers as batch jobs, surviving a cancelled job; training on a worker gives this process's model, also when
+that worker is killed mid-run."""
 
 from __future__ import annotations
 
@@ -365,3 +366,36 @@ def test_training_on_a_local_worker_gives_this_process_model(project, trained, t
     assert mine["threshold"] == theirs["threshold"] and mine["selection"]["finder"] == theirs["selection"]["finder"]
     rc, _, stderr = run_cli([*train_args(project, tmp_path / "two"), "--workers", "local:2"])
     assert rc == 2 and "training runs once, on one worker; give local:1" in stderr
+
+
+def test_a_training_worker_killed_mid_run_resumes_on_its_replacement(project, trained, tmp_path):
+    """The training worker is killed once its first checkpoint is written: Dask runs the task again on the replacement
+    worker, which resumes from that checkpoint and ends with the model an uninterrupted training gives."""
+    from test_cli import train_args
+
+    out = tmp_path / "remote"
+    checkpoint = out / "model" / "training" / "checkpoint.pt"
+    killed: list[int] = []
+    stop = threading.Event()
+
+    def kill_at_first_checkpoint():
+        while not stop.is_set() and not killed:
+            if checkpoint.is_file() and _worker_pids():
+                pid = _worker_pids()[-1]
+                os.kill(pid, signal.SIGKILL)
+                killed.append(pid)
+            time.sleep(0.05)
+
+    watcher = threading.Thread(target=kill_at_first_checkpoint, daemon=True)
+    watcher.start()
+    try:
+        rc, stdout, stderr = run_cli([*train_args(project, out), "--workers", "local:1"])
+    finally:
+        stop.set()
+        watcher.join()
+    assert rc == 0, stderr
+    assert killed and "resuming after" in stdout
+    mine, theirs = (json.loads((d / "model.json").read_text()) for d in (out / "model", trained.model))
+    assert mine["validation"]["picking"] == theirs["validation"]["picking"]
+    assert mine["threshold"] == theirs["threshold"]
+    assert not [f for f in out.rglob("*") if ".tmp" in f.name]

@@ -6,15 +6,14 @@
 Each configuration runs ``crisp-ext pick --model DIR`` in its own process on the same micrographs:
 ``one:T`` (today's path, T torch threads), ``dask:NxT`` (``--workers local:N --threads T``), ``split:NxT`` (N
 independent one-process runs at once, each on 1/N of the micrographs: the ceiling N workers could reach here).
-Reported: wall seconds
-(process start, model load and cluster start included) and of picking (cluster start and model loading in the
-workers included), seconds per micrograph and micrographs per second in the steady state (one process: from the
-first picked micrograph to the last; Dask: the workers' rates added up, each from the first micrograph it picked to
-its last, as the split runs are added up), the span figure (Dask: from the first micrograph any worker picked to the
-last, which also counts workers that started late and the last chunks' tail),
-CPU use (user + system CPU-seconds of the process and its children over wall seconds), and whether the picks are
-identical to the first configuration's. The speed-up of ``dask:2x1`` over ``one:1`` is the scale-out figure; the
-overhead of ``dask:1x1`` against ``one:1`` is the Dask path's cost per micrograph.
+Reported: wall seconds (process start, model load and cluster start included) and of picking (cluster start and
+model loading in the workers included); seconds per micrograph and micrographs per second in the steady state (one
+process: from the first picked micrograph to the last; Dask: the workers' rates added up, each from the first
+micrograph it picked to its last, as the split runs are added up); the span figure (Dask: from the first micrograph
+any worker picked to the last, which also counts workers that started late and the last chunks' tail); CPU use
+(user + system CPU-seconds of the process and its children over wall seconds); and whether the picks are identical
+to the first configuration's. The speed-up of ``dask:2x1`` over ``one:1`` is the scale-out figure; the overhead of
+``dask:1x1`` against ``one:1`` is the Dask path's cost per micrograph.
 """
 
 from __future__ import annotations

@@ -127,7 +127,8 @@ def load_model_dir(path: str | Path, device: torch.device | str | None = None) -
         model.load_state_dict(state)
     except RuntimeError as exc:
         raise InputError(f"{path / 'weights.pt'}: weights do not fit the model that config.toml describes "
-                         f"({one_line(exc)[:200]}); the directory is damaged or from an incompatible crisp-ext") from None
+                         f"({one_line(exc)[:200]}); the directory is damaged or from an incompatible crisp-ext"
+                         ) from None
     except Exception as exc:
         raise InputError(f"{path / 'weights.pt'}: cannot read ({exc.__class__.__name__}); the model directory is "
                          f"damaged") from None

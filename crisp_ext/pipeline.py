@@ -347,8 +347,7 @@ def _select(model, cfg: PickerConfig, prepared: dict, diam_w: dict, val: list[st
 
 def _self_train(round_: int, result, base_cfg: PickerConfig, cfg: PickerConfig, selection, threshold: float,
                 val_picks, micrographs, by_id, groups, prepared: dict, diam_w: dict, train: list[str], val: list[str],
-                loader,
-                model_dir: Path, progress, should_abort):
+                loader, model_dir: Path, progress, should_abort):
     """One round of self-training (see :mod:`crisp_ext.pseudo_labels`): the picker's confident picks become extra
     positives on the training micrographs and on unpicked micrographs, and the network is fine-tuned from its
     current weights. The validation micrographs keep the user's picks only."""

@@ -2,6 +2,7 @@
 
     python benchmarks/accuracy.py [--scenes empiar10017,apoferritin,crowded,crowded_noisy,sparse_large]
         [--candidates before,default] [--set NAME:KEY=VALUE] [--threads 2] [--out bench_out/accuracy] [--fresh]
+        [--val N]
 
 Scenes (train / validation / test micrographs):
 - ``empiar10017``: ../shared/data/empiar10017, β-gal, 27 px, crowded, CryoPPP picks; the README's 4 / 2 / 14.
@@ -211,6 +212,9 @@ def main(argv=None) -> int:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--out", type=Path, default=Path("bench_out/accuracy"))
     ap.add_argument("--fresh", action="store_true", help="recompute cached results")
+    ap.add_argument("--val", type=int, default=None, metavar="N",
+                    help="validate on only the first N of each scene's validation micrographs (the team's held-out "
+                         "protocol uses 1); the others are left out entirely. Give it its own --out.")
     args = ap.parse_args(argv)
     candidates = {k: dict(v) for k, v in CANDIDATES.items()}
     for item in args.set:
@@ -224,6 +228,8 @@ def main(argv=None) -> int:
     rows = []
     for scene_name in args.scenes.split(","):
         scene = SCENES[scene_name](args.out)
+        if args.val is not None:
+            scene.val = scene.val[: max(1, args.val)]
         for cand in args.candidates.split(","):
             cached = args.out / scene.name / cand / "result.json"
             if cached.is_file() and not args.fresh:

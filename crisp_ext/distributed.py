@@ -23,6 +23,7 @@ import hashlib
 import math
 import os
 import re
+import threading
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterator, Sequence
@@ -177,10 +178,19 @@ def _jobqueue_cluster(placement: Placement, threads: int):
 # -- the workers' side ---------------------------------------------------------------------------------------------
 
 _PICKERS: dict[str, Any] = {}  # per worker process: model key -> (model, device)
+_LOADING = threading.Lock()  # one load per worker process, however many chunks start at once
+# One chunk at a time runs the network: a worker with several task slots (a jobqueue worker's nthreads is its cores,
+# an existing scheduler's workers may have any) would otherwise run one network per slot, each with all the cores.
+_NETWORK = threading.Lock()
 
 
 def _worker_model(model_ref: tuple, threads: int):
     """The picker's network in this worker, loaded once (from the shared path, or from the shipped bytes)."""
+    with _LOADING:
+        return _load_worker_model(model_ref, threads)
+
+
+def _load_worker_model(model_ref: tuple, threads: int):
     kind, value, key = model_ref
     if key in _PICKERS:
         return _PICKERS[key]
@@ -249,7 +259,8 @@ def pick_chunk(model_ref: tuple, cfg_dict: dict, finder: str, params: dict, thre
             wi = ahead.result()
             if i + 1 < len(mics):
                 ahead = pool.submit(named, mics[i + 1], loader, mics[i + 1])
-            prob = named(mic, predict_map, model, wi.image, cfg.predict, device, map_channel(cfg))
+            with _NETWORK:
+                prob = named(mic, predict_map, model, wi.image, cfg.predict, device, map_channel(cfg))
             pending.append(pool.submit(named, mic, centres, i, mic, wi, prob))
             if i == 0:
                 pending[0].add_done_callback(lambda _: first.append(time.time()))
@@ -303,11 +314,13 @@ def pick_distributed(picker, todo: Sequence, placement: Placement, *, map_path: 
     threads = threads_per_worker(placement, cfg.train.threads)
     by_id = {m.id: m for m in todo}
     with open_client(placement, threads, say) as client:
-        n_workers = max(1, len(client.scheduler_info(n_workers=-1).get("workers", {})) or placement.workers)
+        workers = client.scheduler_info(n_workers=-1).get("workers", {})
+        n_workers = max(1, len(workers) or placement.workers)
+        slots = max(n_workers, sum(int(w.get("nthreads", 1)) for w in workers.values()))
         model_ref = _model_ref(client, picker.model_dir, say)
         if model_ref[0] == "bytes":
             model_ref = (model_ref[0], client.scatter(model_ref[1], broadcast=True), model_ref[2])
-        sizes = chunk_sizes(len(todo), n_workers)
+        sizes = chunk_sizes(len(todo), slots)
         starts = np.cumsum([0, *sizes])
         chunks = [list(todo[a:b]) for a, b in zip(starts[:-1], starts[1:])]
         cfg_dict = cfg.to_dict()

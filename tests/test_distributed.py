@@ -77,6 +77,40 @@ def test_two_local_workers_give_the_single_process_picks(project, trained, singl
     assert (out / "particles.star").read_text() == (single / "particles.star").read_text()
 
 
+def test_a_worker_with_several_task_slots_runs_one_network_at_a_time(project, trained, single, tmp_path,
+                                                                       monkeypatch):
+    """An existing scheduler whose worker takes two chunks at once (threads_per_worker=2; a jobqueue worker's
+    nthreads is its cores): the chunks' networks take turns, and the picks are the single process's."""
+    from distributed import LocalCluster
+
+    import crisp_ext.predict as predict
+
+    running, most = [0], [0]
+    lock = threading.Lock()
+    original = predict.predict_map
+
+    def counted(*args, **kwargs):
+        with lock:
+            running[0] += 1
+            most[0] = max(most[0], running[0])
+        try:
+            time.sleep(0.05)  # a window in which a second network would overlap
+            return original(*args, **kwargs)
+        finally:
+            with lock:
+                running[0] -= 1
+
+    monkeypatch.setattr(predict, "predict_map", counted)
+    with LocalCluster(n_workers=1, threads_per_worker=2, processes=False, dashboard_address=None) as cluster:
+        out = tmp_path / "slots"
+        rc, stdout, stderr = run_cli(["pick", "--mics", project.mics, "--model", trained.model, "--out", out,
+                                      *common(project), "--scheduler", cluster.scheduler_address])
+    assert rc == 0, stderr
+    assert "chunk(s) of up to" in stdout
+    assert most[0] == 1
+    assert coordinates(out / "coordinates") == coordinates(single / "coordinates")
+
+
 def _worker_pids() -> list[int]:
     import psutil
 

@@ -214,7 +214,7 @@ def main(argv=None) -> int:
     ap.add_argument("--fresh", action="store_true", help="recompute cached results")
     ap.add_argument("--val", type=int, default=None, metavar="N",
                     help="validate on only the first N of each scene's validation micrographs (the team's held-out "
-                         "protocol uses 1); the others are left out entirely. Give it its own --out.")
+                         "protocol uses 1); the others are left out entirely. Cached as CANDIDATE_valN.")
     args = ap.parse_args(argv)
     candidates = {k: dict(v) for k, v in CANDIDATES.items()}
     for item in args.set:
@@ -231,15 +231,16 @@ def main(argv=None) -> int:
         if args.val is not None:
             scene.val = scene.val[: max(1, args.val)]
         for cand in args.candidates.split(","):
-            cached = args.out / scene.name / cand / "result.json"
+            run_name = cand if args.val is None else f"{cand}_val{len(scene.val)}"  # its own cache
+            cached = args.out / scene.name / run_name / "result.json"
             if cached.is_file() and not args.fresh:
                 rows.append(json.loads(cached.read_text()))
             else:
-                if args.fresh and (args.out / scene.name / cand).exists():
+                if args.fresh and (args.out / scene.name / run_name).exists():
                     import shutil
 
-                    shutil.rmtree(args.out / scene.name / cand)
-                rows.append(run_one(scene, cand, candidates[cand], args.out, args.threads))
+                    shutil.rmtree(args.out / scene.name / run_name)
+                rows.append(run_one(scene, run_name, candidates[cand], args.out, args.threads))
             print(table(rows[-1:]).splitlines()[-1], flush=True)
     print()
     print(table(rows))

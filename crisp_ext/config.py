@@ -100,8 +100,8 @@ class LabelConfig:
     # 0.968/0.963/0.955, sparse large particles 0.991/0.988/0.984 -> 0.988/0.988/0.977.
     centre_weight: float = 1.0
     # Width (standard deviation) of the centre target's peaks, in diameters. 0.15 against 0.1 (benchmarks/accuracy.py,
-    # F1 at r / r/2, AP): the scenes picked on the centre map rank better, EMPIAR-10017 0.887/0.877/0.853 ->
-    # 0.887/0.875/0.874, noisy crowded simulation 0.857/0.802/0.805 -> 0.865/0.803/0.841; the others within noise.
+    # F1 at r / r/2, AP; 2 threads): the scenes picked on the centre map rank better, EMPIAR-10017 0.887/0.877/0.853
+    # -> 0.886/0.875/0.869, noisy crowded simulation 0.857/0.802/0.805 -> 0.866/0.804/0.837; the others within noise.
     centre_sigma: float = 0.15
     # The fraction of the training micrographs' particles that the picks leave out, for train.loss terms "nnpu"
     # (positive-unlabelled BCE, e.g. train.loss = "dice+nnpu"): its class prior is the unpicked particles' share of

@@ -4,7 +4,9 @@ the Dask workers (:mod:`crisp_ext.distributed`)."""
 
 from __future__ import annotations
 
+from contextlib import AbstractContextManager
 from pathlib import Path
+from typing import Callable, Iterator, Sequence
 
 import numpy as np
 
@@ -93,3 +95,62 @@ def pick_and_save_map(prob: np.ndarray, wi: WorkingImage, mic: Micrograph, cfg: 
         write_mrc(map_file, prob.astype(np.float32),
                   pixel_size=(wi.pixel_size / wi.scale.factor) if wi.pixel_size else None)
     return picks
+
+
+def may_start_processes() -> bool:
+    """Whether this process may start reader processes (a daemonic one, such as a Dask worker by default, may not)."""
+    import multiprocessing
+
+    return not multiprocessing.current_process().daemon
+
+
+def pick_stream(model, mics: Sequence[Micrograph], cfg: PickerConfig, finder: str, params: dict, threshold: float,
+                *, device=None, map_file: Callable[[Micrograph], str | Path] | None = None,
+                network: AbstractContextManager | None = None, processes: bool | None = None,
+                on_error: Callable[[Micrograph, Exception], Exception] | None = None
+                ) -> Iterator[tuple[Micrograph, Particles, WorkingImage, float]]:
+    """Pick ``mics`` in order, yielding ``(micrograph, picks, working image, time.time() its picks were found)``:
+    the one loop of picking, in one process and on each Dask worker alike.
+
+    The next micrographs are read ahead (``cfg.predict.workers`` loader processes, or one thread where ``processes``
+    is False; by default processes where this process may start them), and one micrograph's centres are found in a
+    thread while the network predicts the next. ``map_file(mic)``: where its map goes (with ``predict.save_maps``).
+    ``network``: held while the network runs. ``on_error(mic, exc)``: the exception to raise instead of ``exc``,
+    which happened on ``mic`` (by default ``exc`` itself)."""
+    import time
+    from collections import deque
+    from concurrent.futures import ThreadPoolExecutor
+
+    from .predict import predict_many
+
+    mics = list(mics)
+    save = map_file if (map_file and cfg.predict.save_maps) else None
+
+    def centres(mic: Micrograph, wi: WorkingImage, prob: np.ndarray):
+        try:
+            picks = pick_and_save_map(prob, wi, mic, cfg, finder, params, threshold, save(mic) if save else None)
+        except Exception as exc:  # noqa: BLE001 - named by on_error
+            if on_error is None:
+                raise
+            raise on_error(mic, exc) from None
+        return mic, picks, wi, time.time()
+
+    stream = predict_many(model, mics, MicrographLoader(cfg), cfg.predict, device, map_channel(cfg),
+                          processes=may_start_processes() if processes is None else processes, network=network)
+    queue: deque = deque()
+    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="crisp-centres") as pool:
+        try:
+            for i in range(len(mics)):
+                try:
+                    mic, wi, prob = next(stream)
+                except Exception as exc:  # noqa: BLE001 - named by on_error
+                    if on_error is None:
+                        raise
+                    raise on_error(mics[i], exc) from None
+                queue.append(pool.submit(centres, mic, wi, prob))
+                while len(queue) > 1:
+                    yield queue.popleft().result()
+            while queue:
+                yield queue.popleft().result()
+        finally:
+            stream.close()

@@ -174,15 +174,32 @@ def _as_is(x):
     return x
 
 
+def _read_ahead(dataset: _LoadAll) -> Iterator[tuple]:
+    """The dataset's items in order, the next one read in a thread while the caller works on this one."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    n = len(dataset)
+    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="crisp-reader") as pool:
+        ahead = pool.submit(dataset.__getitem__, 0) if n else None
+        for i in range(n):
+            item = ahead.result()
+            if i + 1 < n:
+                ahead = pool.submit(dataset.__getitem__, i + 1)
+            yield item
+
+
 def predict_many(model: nn.Module, items: Iterable[T], load: Callable[[T], WorkingImage], cfg: PredictConfig,
-                 device: torch.device | None = None, channel: int | None = None
+                 device: torch.device | None = None, channel: int | None = None, *, processes: bool = True,
+                 network: contextlib.AbstractContextManager | None = None
                  ) -> Iterator[tuple[T, WorkingImage, np.ndarray]]:
     """Predict each item in order, yielding ``(item, working_image, probability_map)``.
 
-    ``load(item)`` reads and preprocesses one micrograph; with ``cfg.workers > 0`` it runs in that many DataLoader
-    worker processes, ahead of the model (with the ``spawn`` start method ``load`` must be picklable), and on the
-    CPU the model then uses that many torch threads fewer (at least one) until the iteration ends. An exception
-    from ``load`` is raised here, unchanged, when its item's turn comes.
+    ``load(item)`` reads and preprocesses one micrograph; with ``cfg.workers > 0`` it runs ahead of the model, in
+    that many DataLoader worker processes (with the ``spawn`` start method ``load`` must be picklable; on the CPU
+    the model then uses that many torch threads fewer, at least one, until the iteration ends), or, with
+    ``processes=False`` (a process that may not start any, such as a Dask worker), in one thread. An exception from
+    ``load`` is raised here, unchanged, when its item's turn comes. ``network``: held while the model runs (a
+    lock, where several callers share one model and its cores).
     """
     items = list(items)
     device = torch.device(device) if device is not None else model_device(model)
@@ -190,6 +207,8 @@ def predict_many(model: nn.Module, items: Iterable[T], load: Callable[[T], Worki
     workers = min(max(0, int(cfg.workers)), len(items)) if len(items) > 1 else 0
     if workers == 0:
         source: Iterable = (dataset[i] for i in range(len(items)))
+    elif not processes:
+        source, workers = _read_ahead(dataset), 0
     else:
         source = torch.utils.data.DataLoader(dataset, batch_size=None, shuffle=False, num_workers=workers,
                                              collate_fn=_as_is, prefetch_factor=2)
@@ -203,8 +222,12 @@ def predict_many(model: nn.Module, items: Iterable[T], load: Callable[[T], Worki
         for index, working, error in iterator:
             if error is not None:
                 raise error
-            yield items[index], working, predict_map(model, working.image, cfg, device, channel)
+            with network or contextlib.nullcontext():
+                prob = predict_map(model, working.image, cfg, device, channel)
+            yield items[index], working, prob
     finally:
         torch.set_num_threads(threads)
+        if hasattr(iterator, "close"):
+            iterator.close()  # a thread reading ahead: wait for it here, not at garbage collection
         del iterator
 

@@ -72,23 +72,23 @@ def test_the_clusters_crisp_ext_starts_run_their_workers_without_the_dashboard_p
     import dask
     import distributed  # noqa: F401 - its defaults join Dask's configuration on import
 
-    from crisp_ext.distributed import QUIET_DASK, Placement, dask_env_exports, open_client
+    from crisp_ext.distributed import DASK_SETTINGS, Placement, dask_env_exports, open_client
 
-    keys = list(QUIET_DASK)
+    keys = list(DASK_SETTINGS)
     before = {k: dask.config.get(k) for k in keys}
-    assert before != QUIET_DASK  # Dask's own defaults profile and poll more often
+    assert before != DASK_SETTINGS  # Dask's own defaults profile and poll more often
     with open_client(Placement("local", 1), threads=1) as client:
         seen = client.run(lambda: {k: __import__("dask").config.get(k) for k in keys})
-    assert list(seen.values()) == [QUIET_DASK]
+    assert list(seen.values()) == [DASK_SETTINGS]
     assert {k: dask.config.get(k) for k in keys} == before  # this process's settings are given back
     # a batch job's worker gets them from its job script, before it starts
     probe = tmp_path / "probe.py"
     probe.write_text(f"import dask, distributed, json\nprint(json.dumps({{k: dask.config.get(k) for k in {keys!r}}}))\n")
     script = tmp_path / "job.sh"
-    script.write_text("\n".join([*dask_env_exports(QUIET_DASK), f'"{sys.executable}" "{probe}"']) + "\n")
+    script.write_text("\n".join([*dask_env_exports(DASK_SETTINGS), f'"{sys.executable}" "{probe}"']) + "\n")
     env = {k: v for k, v in os.environ.items() if not k.startswith("DASK_")}
     out = subprocess.run(["bash", str(script)], capture_output=True, text=True, env=env, check=True).stdout
-    assert json.loads(out) == QUIET_DASK
+    assert json.loads(out) == DASK_SETTINGS
 
 
 def test_two_local_workers_give_the_single_process_picks(project, trained, single, tmp_path):

@@ -156,7 +156,7 @@ class TrainConfig:
     threads: int | None = None  # CPU threads; None = all cores
     bf16: bool = True  # bf16 autocast on CUDA with bf16 and on CPUs with native bf16 (else float32)
     channels_last: bool = True  # NHWC memory format (faster convolutions on CPU)
-    monitor: str = "iou"  # validation metric for early stopping / best epoch: iou | f1 | dice (soft Dice)
+    monitor: str = "iou"  # validation metric for early stopping / best epoch: iou | f1 | dice (soft Dice) | ap (picks)
     val_every: int = 1  # validate on whole micrographs every this many epochs (and after the last)
     jitter: float = 0.1  # intensity augmentation: gain exp(N(0, jitter)), offset N(0, jitter)
     # Rounds of self-training (crisp_ext.pseudo_labels): confident picks on the training micrographs and on as
@@ -405,7 +405,7 @@ SCHEMA: dict[str, dict[str, Rule]] = {
               "weight_decay": _at_least(0), "loss": Rule(check=_loss), "early_stop_patience": _at_least(0),
               "n_train": _at_least(1), "n_val": _at_least(0), "device": Rule(check=_device),
               "threads": _at_least(1, hint="CPU threads; leave unset for all cores"),
-              "monitor": Rule(choices=("iou", "f1", "dice")), "val_every": _at_least(1), "jitter": _at_least(0),
+              "monitor": Rule(choices=("iou", "f1", "dice", "ap")), "val_every": _at_least(1), "jitter": _at_least(0),
               "self_training": _at_least(0, 3)},
     "crf": {"kind": Rule(choices=("none", "standard", "cd")), "solver": Rule(choices=("mf", "fw")),
             "iterations": _at_least(1), "theta_alpha": _positive(), "theta_beta": _positive(),

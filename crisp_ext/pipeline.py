@@ -36,8 +36,8 @@ import numpy as np
 from .config import PickerConfig
 from .errors import Aborted, InputError
 from .footprints import FootprintMaker, ReferenceMask, plot_footprints, resolve_label_kind
-from .picking import (REFINE_CHOICES, MicrographLoader, centre_options, map_channel,  # noqa: F401 (re-exported)
-                      micrograph_diameter, micrograph_pixel_size, pick_and_save_map)
+from .picking import (REFINE_CHOICES, MicrographLoader, centre_options,  # noqa: F401 (re-exported)
+                      micrograph_diameter, micrograph_pixel_size, pick_stream)
 from .preprocess import WorkingImage, check_particle_fits
 from .progress import ProgressCallback, ProgressEvent, silent
 from .types import Micrograph, Particles, micrographs_by_id
@@ -215,7 +215,7 @@ def _prepare(mic: Micrograph, parts: Particles, cfg: PickerConfig, loader: Micro
         ps = wi.pixel_size or micrograph_pixel_size(mic, cfg)
         shapes = footprints(parts.angles, centres, ps / wi.scale.factor if ps else None)
     labels = make_labels(wi.image.shape, centres, diameter_w, cfg.labels, footprints=shapes)
-    return LabeledImage(image=wi.image, labels=labels, name=mic.name, truth_xy=centres), wi
+    return LabeledImage(image=wi.image, labels=labels, name=mic.name, truth_xy=centres, diameter_px=diameter_w), wi
 
 
 def _train(micrographs, by_id, particles: Particles, cfg: PickerConfig, work_dir: Path, reference, train_ids,
@@ -467,7 +467,6 @@ def pick(
 ) -> PipelineResult:
     """Pick every micrograph not skipped with a prepared picker: in this process, or on Dask workers
     (``placement``, see :mod:`crisp_ext.distributed`)."""
-    from .predict import predict_many
     from .train import configure_threads
 
     progress = progress or silent
@@ -519,27 +518,11 @@ def pick(
             for mic, xy, score, worker in batch:
                 done(len(arrivals), mic, Particles.for_one(mic.id, xy, score), None, f" (worker {worker})")
     else:
-        from collections import deque
-        from concurrent.futures import ThreadPoolExecutor
-
-        def centres(mic: Micrograph, wi: WorkingImage, prob: np.ndarray):
-            picks = pick_and_save_map(prob, wi, mic, cfg, picker.finder, picker.params, picker.threshold,
-                                      map_file(mic) if cfg.predict.save_maps else None)
-            return mic, picks, wi
-
-        # Reading runs ahead in a loader process, and centre finding of one micrograph in a thread while the
-        # network predicts the next one; results are handed on in order.
-        queue: deque = deque()
-        k = 0
-        with ThreadPoolExecutor(max_workers=1, thread_name_prefix="crisp-centres") as pool:
-            for mic, wi, prob in predict_many(picker.model, todo, loader, cfg.predict, channel=map_channel(cfg)):
-                queue.append(pool.submit(centres, mic, wi, prob))
-                while len(queue) > 1:
-                    done(k, *queue.popleft().result())
-                    k += 1
-            while queue:
-                done(k, *queue.popleft().result())
-                k += 1
+        # the next micrographs read in a loader process, one micrograph's centres found while the network
+        # predicts the next
+        for k, (mic, picks, wi, _) in enumerate(pick_stream(picker.model, todo, cfg, picker.finder, picker.params,
+                                                            picker.threshold, map_file=map_file)):
+            done(k, mic, picks, wi)
     timings["pick"] = time.perf_counter() - t0
     timings.update(steady_state(arrivals, spans))
     # in the micrographs' order, whichever worker finished first

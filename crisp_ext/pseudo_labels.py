@@ -84,7 +84,8 @@ def pseudo_labelled(model, item, cfg: PickerConfig, label_cfg: LabelConfig, diam
     unsure = disk_mask(shape, uncertain, 0.5 * diameter_w) & (labels.target <= 0)
     labels.weight[unsure] = 0.0
     truth = np.vstack([known, confident]) if len(confident) else known
-    return LabeledImage(image=item.image, labels=labels, name=item.name, truth_xy=truth), int(len(confident))
+    return (LabeledImage(image=item.image, labels=labels, name=item.name, truth_xy=truth, diameter_px=item.diameter_px),
+            int(len(confident)))
 
 
 def _disks(label_cfg: LabelConfig) -> LabelConfig:

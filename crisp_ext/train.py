@@ -47,7 +47,7 @@ from .predict import autocast_context, predict_maps
 from .progress import ProgressCallback, ProgressEvent
 
 CHECKPOINT_VERSION = 1
-MONITORS = ("iou", "f1", "dice")
+MONITORS = ("iou", "f1", "dice", "ap")
 
 
 @dataclass
@@ -58,6 +58,7 @@ class LabeledImage:
     labels: Labels
     name: str = ""
     truth_xy: np.ndarray = field(default_factory=lambda: np.zeros((0, 2)))  # (N, 2) working px
+    diameter_px: float = 0.0  # particle diameter in working px (0: the working scale's target)
 
 
 @dataclass
@@ -179,10 +180,31 @@ def evaluate_maps(probs: list[np.ndarray], labels: list[Labels], threshold: floa
             "recall": scores["recall"], "dice": 2 * inter / card if card > 0 else 0.0}
 
 
+def picking_ap(maps: list[np.ndarray], val: list[LabeledImage], target_diameter_px: float) -> float:
+    """Average precision of the picks the NMS finder (its default settings) makes on the validation maps, matched
+    to the curated picks within half a diameter, pooled over micrographs; the better of the output channels (the
+    picking map is chosen later, the same way)."""
+    from .centres import get_finder
+    from .metrics import pr_curve
+
+    finder = get_finder("nms")
+    diameters = [it.diameter_px or target_diameter_px for it in val]
+    best = 0.0
+    for channel in range(maps[0].shape[0]):
+        found = [finder.find(m[channel], d) for m, d in zip(maps, diameters)]
+        curve = pr_curve([f.xy for f in found], [f.score for f in found], [it.truth_xy for it in val],
+                         0.5 * float(np.mean(diameters)))
+        best = max(best, float(curve.ap))
+    return best
+
+
 def _validate(module: nn.Module, val: list[LabeledImage], cfg: PickerConfig, device: torch.device) -> dict:
     quick = dataclasses.replace(cfg.predict, tta=1)  # per-epoch validation: speed over the last percent
-    probs = [predict_maps(module, it.image, quick, device)[0] for it in val]  # the segmentation channel
-    return evaluate_maps(probs, [it.labels for it in val])
+    maps = [predict_maps(module, it.image, quick, device) for it in val]
+    metrics = evaluate_maps([m[0] for m in maps], [it.labels for it in val])  # the segmentation channel
+    if cfg.train.monitor == "ap":
+        metrics["ap"] = picking_ap(maps, val, cfg.preprocess.target_diameter_px)
+    return metrics
 
 
 # -- checkpoints ---------------------------------------------------------------------------------------------------

@@ -205,3 +205,28 @@ def test_a_centre_channel_is_trained_saved_and_its_peaks_sit_on_the_particles(tm
 
     with pytest.raises(ConfigError, match="centres.map"):
         PickerConfig().updated({"crf.kind": "standard", "centres.map": "centre"})
+
+
+def test_the_picking_monitor_scores_maps_by_the_picks_they_give():
+    from crisp_ext.labels import centre_map
+    from crisp_ext.train import picking_ap
+
+    rng = np.random.default_rng(3)
+    truth = [rng.uniform(15, 105, size=(10, 2)) for _ in range(2)]
+    val = [LabeledImage(np.zeros((120, 120), np.float32), None, f"v{i}", t, diameter_px=12.0)
+           for i, t in enumerate(truth)]
+    on = [centre_map((120, 120), t, 2.0)[None] for t in truth]  # peaks on the particles
+    off = [centre_map((120, 120), t + 9.0, 2.0)[None] for t in truth]  # every peak 1.06 diameters away
+    assert picking_ap(on, val, 24.0) > 0.95
+    assert picking_ap(off, val, 24.0) < 0.05
+    # two output channels: the better one counts (the picking map is chosen later)
+    assert picking_ap([np.concatenate([o, g]) for o, g in zip(off, on)], val, 24.0) > 0.95
+
+
+def test_the_picking_monitor_chooses_the_best_epoch(data, tmp_path):
+    cfg = tiny_config(epochs=3)
+    cfg.train.monitor = "ap"
+    result = train_model(data[:2], data[2:], cfg, tmp_path)
+    aps = [row["val_ap"] for row in result.history if "val_ap" in row]
+    assert len(aps) >= 3 and all(0.0 <= a <= 1.0 for a in aps)
+    assert result.best_metric == pytest.approx(max(aps))

@@ -83,7 +83,8 @@ def test_the_clusters_crisp_ext_starts_run_their_workers_without_the_dashboard_p
     assert {k: dask.config.get(k) for k in keys} == before  # this process's settings are given back
     # a batch job's worker gets them from its job script, before it starts
     probe = tmp_path / "probe.py"
-    probe.write_text(f"import dask, distributed, json\nprint(json.dumps({{k: dask.config.get(k) for k in {keys!r}}}))\n")
+    probe.write_text("import dask, distributed, json\n"
+                     f"print(json.dumps({{k: dask.config.get(k) for k in {keys!r}}}))\n")
     script = tmp_path / "job.sh"
     script.write_text("\n".join([*dask_env_exports(DASK_SETTINGS), f'"{sys.executable}" "{probe}"']) + "\n")
     env = {k: v for k, v in os.environ.items() if not k.startswith("DASK_")}

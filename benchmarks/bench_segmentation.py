@@ -1,7 +1,8 @@
 """Segmentation speed on this machine: training time for 16 micrographs of 4096², picking throughput, peak memory.
 
     python benchmarks/bench_segmentation.py [--config default|paper|both] [--part train|pick|all]
-        [--epochs N] [--mics 16] [--val 6] [--pick 8] [--size 4096] [--threads N] [--workdir bench_out/seg]
+        [--epochs N] [--mics 16] [--val 6] [--pick 8] [--size 4096] [--threads N] [--set KEY=VALUE ...]
+        [--workdir bench_out/seg]
 
 Data: synthetic micrographs of ``--size``² (float32 MRC, 1.77 Å/px, particle diameter 108 px as EMPIAR-10017's
 originals, so the default working scale bins them to ≈ 910²); content does not change the timings. A few are
@@ -39,6 +40,7 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 THREADS = None  # --threads: CPU threads (default: all cores)
+OVERRIDES: list[str] = []  # --set KEY=VALUE items, applied to the default and paper configs alike
 PIXEL_SIZE = 1.77
 DIAMETER = 108.0
 
@@ -145,9 +147,10 @@ def make_micrographs(workdir: Path, count: int, size: int, seed: int = 0) -> lis
 
 
 def config_for(name: str):
-    from crisp_ext.config import PickerConfig
+    from crisp_ext.config import PickerConfig, parse_overrides
 
     cfg = PickerConfig.paper() if name == "paper" else PickerConfig()
+    cfg = cfg.updated(parse_overrides(OVERRIDES))
     cfg.model.encoder_weights = None  # timings do not depend on the starting weights; nothing is downloaded
     if THREADS:
         cfg.train.threads = THREADS
@@ -333,9 +336,12 @@ def main(argv=None) -> int:
     ap.add_argument("--workdir", type=Path, default=Path("bench_out/seg"))
     ap.add_argument("--json", type=Path, default=None)
     ap.add_argument("--threads", type=int, default=None, help="CPU threads (default: all cores)")
+    ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                    help="a config override, e.g. --set train.min_patches_per_epoch=128 (repeatable)")
     args = ap.parse_args(argv)
-    global THREADS
+    global THREADS, OVERRIDES
     THREADS = args.threads
+    OVERRIDES = args.set
 
     if args.part.startswith("_"):
         fn = {"_train": part_train, "_pick": part_pick, "_paper_cpu": part_paper_cpu}[args.part]
@@ -348,7 +354,8 @@ def main(argv=None) -> int:
     configs = ["default", "paper"] if args.config == "both" else [args.config]
     parts = ["train", "pick"] if args.part == "all" else [args.part]
     make_micrographs(args.workdir, args.pick, args.size)  # once, before any timing
-    print(f"# {os.cpu_count()} CPU core(s), CUDA {'yes' if gpu else 'no'}; synthetic {args.size}² micrographs")
+    print(f"# {os.cpu_count()} CPU core(s), CUDA {'yes' if gpu else 'no'}; synthetic {args.size}² micrographs"
+          + (f"; --set {' '.join(args.set)}" if args.set else ""))
     results = []
     for name in configs:
         jobs = [f"_{p}" for p in parts]
@@ -363,6 +370,8 @@ def main(argv=None) -> int:
                 cmd.append("--distinct")
             if args.threads:
                 cmd += ["--threads", str(args.threads)]
+            for item in args.set:
+                cmd += ["--set", item]
             proc = subprocess.run(cmd, capture_output=True, text=True)
             lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")]
             if proc.returncode != 0 or not lines:

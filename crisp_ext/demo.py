@@ -106,4 +106,4 @@ def _held_out_picture(out: Path, project: dict, name: str) -> Path:
 def demo_settings(quick: bool) -> dict:
     """Training settings for the demo: small enough for a 2-core CPU in a few minutes."""
     return {"train.epochs": 6 if quick else 25, "train.early_stop_patience": 8, "train.patches_per_micrograph": 8,
-            "train.patch_size": 128 if quick else 192}
+            "train.min_patches_per_epoch": 64, "train.patch_size": 128 if quick else 192}

@@ -25,6 +25,7 @@ TINY = {
     "train.patch_size": 64,
     "train.batch_size": 4,
     "train.patches_per_micrograph": 2,
+    "train.min_patches_per_epoch": 64,
     "train.threads": 1,
     "train.bf16": False,
     "predict.tile": 256,

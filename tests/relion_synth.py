@@ -134,5 +134,6 @@ def match(pred: np.ndarray, truth: np.ndarray, radius: float) -> np.ndarray:
 TINY_SETTINGS = ",".join([
     "model.arch=unet", "model.encoder=tu-resnet10t", "model.encoder_depth=3",
     "model.decoder_channels=32,16,8", "preprocess.target_diameter_px=16", "train.patch_size=64",
-    "train.patches_per_micrograph=16", "train.lr=0.003", "train.epochs=25", "predict.workers=0",
+    "train.patches_per_micrograph=16", "train.min_patches_per_epoch=64", "train.lr=0.003", "train.epochs=25",
+    "predict.workers=0",
 ])

@@ -18,8 +18,10 @@ Each run goes through ``crisp_ext.pipeline.run`` exactly as the commands do (tra
 choose the finder and threshold on the validation ones, pick the test ones). Reported on the test micrographs,
 pooled: precision / recall / F1 with one-to-one matching within r = D/2 and r/2 = D/4, AP (picks ranked by their
 score) at r, the mean distance of matched picks to the truth at r (original px), training seconds and picking
-seconds per micrograph (wall). Results are cached in ``OUT/<scene>/<candidate>/result.json``; a re-run computes
-only what is missing (``--fresh`` recomputes).
+seconds per micrograph (wall). Results are cached in ``OUT/<scene>/<candidate>/result.json`` with the whole
+config they ran with; a re-run computes only what is missing or was computed with another config (the defaults
+or the candidate's overrides changed since; the old run is moved to ``<candidate>.stale``). ``--fresh``
+recomputes everything asked for.
 """
 
 from __future__ import annotations
@@ -46,8 +48,10 @@ SHARED = ROOT.parent / "shared" / "data"
 # Candidate settings (dotted config keys); "default" is the package's defaults as they are.
 CANDIDATES: dict[str, dict] = {
     "default": {},
-    # the defaults before the accuracy work (issue 14): one segmentation channel, picks near the edge dropped
-    "before": {"labels.centre_weight": 0.0, "centres.map": "auto", "centres.edge": "drop"},
+    # the defaults before the accuracy work (issue 14): one segmentation channel, picks near the edge dropped,
+    # refinement fixed at 0.25 D, 64 patches per epoch
+    "before": {"labels.centre_weight": 0.0, "centres.map": "auto", "centres.edge": "drop", "centres.refine": 0.25,
+               "train.min_patches_per_epoch": 64},
     "edge_auto": {"labels.centre_weight": 0.0, "centres.map": "auto", "centres.edge": "auto"},
     "centre_only": {"labels.centre_weight": 1.0, "centres.map": "centre", "centres.edge": "drop"},
     "centre_auto": {"labels.centre_weight": 1.0, "centres.map": "auto", "centres.edge": "auto"},
@@ -157,11 +161,34 @@ SCENES = {"empiar10017": lambda out: empiar10017(), "apoferritin": lambda out: a
 
 # -- one run -----------------------------------------------------------------------------------------------------------
 
+def effective_config(scene: Scene, overrides: dict, threads: int) -> PickerConfig:
+    return PickerConfig().updated({"particle.diameter_px": scene.diameter_px, "train.threads": threads,
+                                   **overrides})
+
+
+def _flat(d: dict, prefix: str = "") -> dict:
+    out = {}
+    for k, v in d.items():
+        out.update(_flat(v, f"{prefix}{k}.") if isinstance(v, dict) else {f"{prefix}{k}": v})
+    return out
+
+
+def stale_because(cached: dict, cfg: PickerConfig) -> str | None:
+    """Why a cached result no longer stands for ``cfg`` (None when it does): the defaults or the candidate's
+    overrides changed since it was computed."""
+    if "config" not in cached:
+        return "it records no config (computed before results did)"
+    now = _flat(json.loads(json.dumps(cfg.to_dict(), default=float)))
+    then = _flat(cached["config"])
+    diff = [f"{k} {then.get(k, '(none)')!r} -> {now.get(k, '(none)')!r}" for k in sorted(set(now) | set(then))
+            if now.get(k) != then.get(k)]
+    return None if not diff else "its config differs: " + "; ".join(diff[:4]) + (" ..." if len(diff) > 4 else "")
+
+
 def run_one(scene: Scene, candidate: str, overrides: dict, out: Path, threads: int) -> dict:
     from crisp_ext.pipeline import run
 
-    cfg = PickerConfig().updated({"particle.diameter_px": scene.diameter_px, "train.threads": threads,
-                                  **overrides})
+    cfg = effective_config(scene, overrides, threads)
     work = out / scene.name / candidate
     test = set(scene.test)
     t0 = time.perf_counter()
@@ -187,6 +214,7 @@ def run_one(scene: Scene, candidate: str, overrides: dict, out: Path, threads: i
         "pick_s_per_mic": result.timings.get("pick", 0.0) / max(1, len(scene.test)),
         "wall_s": wall, "finder": result.finder, "finder_params": result.finder_params,
         "threshold": result.threshold, "validation": result.validation.get("picking"),
+        "config": cfg.to_dict(),
     }
     (work / "result.json").write_text(json.dumps(report, indent=1, default=float))
     return report
@@ -232,15 +260,24 @@ def main(argv=None) -> int:
             scene.val = scene.val[: max(1, args.val)]
         for cand in args.candidates.split(","):
             run_name = cand if args.val is None else f"{cand}_val{len(scene.val)}"  # its own cache
-            cached = args.out / scene.name / run_name / "result.json"
-            if cached.is_file() and not args.fresh:
-                rows.append(json.loads(cached.read_text()))
-            else:
-                if args.fresh and (args.out / scene.name / run_name).exists():
-                    import shutil
+            work = args.out / scene.name / run_name
+            cached = json.loads((work / "result.json").read_text()) if (work / "result.json").is_file() else None
+            why = "--fresh" if args.fresh and work.exists() else None
+            if cached is not None and not args.fresh:
+                why = stale_because(cached, effective_config(scene, candidates[cand], args.threads))
+                if why is None:
+                    rows.append(cached)
+                    print(table(rows[-1:]).splitlines()[-1] + " (cached)", flush=True)
+                    continue
+            if why is not None:  # from scratch: the pipeline would otherwise reuse the trained model
+                import shutil
 
-                    shutil.rmtree(args.out / scene.name / run_name)
-                rows.append(run_one(scene, run_name, candidates[cand], args.out, args.threads))
+                stale = work.with_name(run_name + ".stale")
+                shutil.rmtree(stale, ignore_errors=True)
+                work.rename(stale)
+                print(f"  [{scene.name}/{run_name}] recomputing ({why}); the old run is in {stale}", flush=True)
+            # else: a run without a result was interrupted, and the pipeline continues it where it stopped
+            rows.append(run_one(scene, run_name, candidates[cand], args.out, args.threads))
             print(table(rows[-1:]).splitlines()[-1], flush=True)
     print()
     print(table(rows))

@@ -156,6 +156,12 @@ def _near_edge(x: np.ndarray, y: np.ndarray, shape: tuple[int, int], half_box: f
     return (x < half_box) | (x > nx - half_box) | (y < half_box) | (y > ny - half_box)
 
 
+def _edge_band(shape: tuple[int, int], width: float) -> float:
+    """The fraction of a micrograph of ``shape`` (ny, nx) that lies within ``width`` of its edge."""
+    ny, nx = shape
+    return 1.0 - max(0.0, nx - 2 * width) * max(0.0, ny - 2 * width) / float(nx * ny)
+
+
 def choose_edge_rule(items, diameters_w: Sequence[float], box_fraction: float) -> tuple[str, str]:
     """``keep`` when the curated picks (``items``: labelled micrographs at the working scale) include particles within
     half a box of the edge at least half as often as their density predicts, else ``drop``; and why (a log line)."""
@@ -164,14 +170,40 @@ def choose_edge_rule(items, diameters_w: Sequence[float], box_fraction: float) -
         ny, nx = item.image.shape
         h = 0.5 * box_fraction * d
         seen += float(_near_edge(item.truth_xy[:, 0], item.truth_xy[:, 1], (ny, nx), h).sum())
-        band = 1.0 - max(0.0, nx - 2 * h) * max(0.0, ny - 2 * h) / float(nx * ny)
-        expected += band * len(item.truth_xy)
+        expected += _edge_band((ny, nx), h) * len(item.truth_xy)
     if expected <= 0:
         return "drop", "edge rule drop (no picks to judge by)"
     ratio = seen / expected
     rule = "keep" if ratio >= 0.5 else "drop"
     return rule, (f"edge rule {rule}: {seen:.0f} curated picks lie within half a box of the edge, {ratio:.0%} of "
                   f"what their density predicts")
+
+
+EDGE_STRAYS = 0.002  # share of the curated picks nearest the edge set aside when learning the edge margin
+EDGE_MARGIN_STEP = 0.1  # diameters: a margin less than this wider than the edge rule's is the same rule
+
+
+def learn_edge_margin(items, diameters_w: Sequence[float], wider_than: float) -> tuple[float, str]:
+    """The margin (in diameters) that the curated picks (``items``: labelled micrographs at the working scale) keep
+    from the micrograph edge, when it is wider than ``wider_than`` and no accident: the distance of the pick nearest
+    the edge once the nearest :data:`EDGE_STRAYS` are set aside, where their density predicts at least 10, and ten
+    times as many picks as lie inside it. Else 0 (nothing beyond the edge rule), also when it is less than
+    :data:`EDGE_MARGIN_STEP` wider (simulated picks, kept whole inside the micrograph, keep 0.5). And why (a log
+    line)."""
+    dist = [np.minimum.reduce([it.truth_xy[:, 0], it.truth_xy[:, 1], it.image.shape[1] - it.truth_xy[:, 0],
+                               it.image.shape[0] - it.truth_xy[:, 1]]) / d
+            for it, d in zip(items, diameters_w) if len(it.truth_xy)]
+    if not dist:
+        return 0.0, "edge margin: no picks to judge by"
+    e = np.sort(np.concatenate(dist))
+    margin = float(e[int(EDGE_STRAYS * len(e))])
+    seen = int((e < margin).sum())
+    expected = sum(_edge_band(it.image.shape, margin * d) * len(it.truth_xy) for it, d in zip(items, diameters_w))
+    what = (f"the curated picks keep {margin:.2f} diameters from the micrograph edge ({seen} nearer, where their "
+            f"density predicts {expected:.0f})")
+    if margin < wider_than + EDGE_MARGIN_STEP or expected < 10 or seen > 0.1 * expected:
+        return 0.0, f"edge margin: none beyond the edge rule; {what}"
+    return margin, f"edge margin {margin:.2f} diameters: {what}; picks nearer the edge are dropped"
 
 
 def choose_split(ids_with_picks: Sequence[str], n_train: int, n_val: int, seed: int,
@@ -299,7 +331,7 @@ def _train(micrographs, by_id, particles: Particles, cfg: PickerConfig, work_dir
 
 def _select(model, cfg: PickerConfig, prepared: dict, diam_w: dict, val: list[str], progress):
     """The map, centre finder, its settings and the threshold, chosen on the validation micrographs' predicted
-    maps; returns the config with ``centres.map``, ``centres.edge`` and ``centres.refine`` resolved, the selection,
+    maps; returns the config with ``centres.map``, ``centres.edge``, ``centres.edge_margin`` and ``centres.refine`` resolved, the selection,
     the threshold, the validation metrics at it and the validation picks (a ``CentreSet`` per micrograph)."""
     from .centres.postprocess import pick_centres
     from .centres.select import select_finder
@@ -314,6 +346,13 @@ def _select(model, cfg: PickerConfig, prepared: dict, diam_w: dict, val: list[st
         edge, why = choose_edge_rule([prepared[m][0] for m in prepared], [diam_w[m] for m in prepared],
                                      cfg.centres.box_fraction)
         cfg = cfg.updated({"centres.edge": edge})
+        progress(ProgressEvent("select", message=why))
+    if cfg.centres.edge_margin == "auto":
+        margin, why = 0.0, "edge margin: none (edge rule keep)"
+        if cfg.centres.edge == "drop":
+            margin, why = learn_edge_margin([prepared[m][0] for m in prepared], [diam_w[m] for m in prepared],
+                                            0.5 * cfg.centres.box_fraction)
+        cfg = cfg.updated({"centres.edge_margin": margin})
         progress(ProgressEvent("select", message=why))
     finders = ("nms", "trackpy", "morphology") if cfg.centres.finder == "auto" else (cfg.centres.finder,)
     names = ["segmentation", "centre"][: cfg.output_channels()]
@@ -601,12 +640,15 @@ def _picking_config(saved: PickerConfig, given: PickerConfig, info: dict) -> Pic
     cfg = PickerConfig.from_dict(saved.to_dict())
     cfg.predict = given.predict
     cfg.centres = dataclasses.replace(given.centres) if (given.centres.finder != "auto" or given.centres.params
-                                                         or given.centres.threshold is not None) else saved.centres
+                                                         or given.centres.threshold is not None) else cfg.centres
     # the map and edge rule chosen at training stay unless given (models from before the edge rule: drop)
     cfg.centres.map = given.centres.map if given.centres.map != "auto" else saved.centres.map
     cfg.centres.edge = given.centres.edge if given.centres.edge != "auto" else saved.centres.edge
     if cfg.centres.edge == "auto":
         cfg.centres.edge = "drop"
+    # models from before the learned margin: none
+    cfg.centres.edge_margin = (given.centres.edge_margin if given.centres.edge_margin != "auto"
+                               else saved.centres.edge_margin)
     cfg.centres.refine = given.centres.refine if given.centres.refine != "auto" else saved.centres.refine
     cfg.centres.box_fraction = given.centres.box_fraction
     cfg.train.device, cfg.train.threads = given.train.device, given.train.threads

@@ -1,5 +1,5 @@
-"""The pipeline's data-driven rules: the edge rule chosen from the curated picks, the training-set sanity check; its
-steady-state picking figure."""
+"""The pipeline's data-driven rules: the edge rule and edge margin chosen from the curated picks, the training-set
+sanity check; its steady-state picking figure."""
 
 from __future__ import annotations
 
@@ -11,7 +11,9 @@ import pytest
 from crisp_ext.config import PickerConfig
 from crisp_ext.errors import InputError
 from crisp_ext.io.mrc import write_mrc
-from crisp_ext.pipeline import check_training_picks, choose_edge_rule, steady_state
+from crisp_ext.centres.base import CentreSet
+from crisp_ext.picking import centre_options
+from crisp_ext.pipeline import _picking_config, check_training_picks, choose_edge_rule, learn_edge_margin, steady_state
 from crisp_ext.types import Micrograph, Particles
 
 
@@ -27,6 +29,62 @@ def test_edge_rule_keeps_when_the_curators_picked_near_the_edge():
     assert rule == "keep" and "edge" in why
     assert choose_edge_rule([_item(inner)], [24.0], 1.0)[0] == "drop"
     assert choose_edge_rule([_item(np.zeros((0, 2)))], [24.0], 1.0)[0] == "drop"
+
+
+def _uniform(n, shape, margin, rng):
+    """``n`` picks uniform over a micrograph of ``shape`` (ny, nx), none nearer than ``margin`` to its edge."""
+    ny, nx = shape
+    return np.stack([rng.uniform(margin, nx - margin, n), rng.uniform(margin, ny - margin, n)], 1)
+
+
+def test_edge_margin_is_the_one_the_curators_kept():
+    rng = np.random.default_rng(1)
+    shape, d = (400, 500), 20.0
+    kept = [_item(_uniform(300, shape, 1.2 * d, rng), shape) for _ in range(3)]  # as EMPIAR-10017's expert picks
+    margin, why = learn_edge_margin(kept, [d] * 3, 0.5)
+    assert 1.2 <= margin < 1.25 and "1.2" in why and "dropped" in why
+    # a stray pick at the very edge does not hide it
+    strays = [_item(np.vstack([kept[0].truth_xy, [[3.0, 200.0]]]), shape)] + kept[1:]
+    assert 1.2 <= learn_edge_margin(strays, [d] * 3, 0.5)[0] < 1.25
+    # picks up to the edge, or a margin no wider than the edge rule's half box: nothing more
+    assert learn_edge_margin([_item(_uniform(900, shape, 0.0, rng), shape)], [d], 0.5)[0] == 0.0
+    assert learn_edge_margin([_item(_uniform(900, shape, 0.4 * d, rng), shape)], [d], 0.5)[0] == 0.0
+    assert learn_edge_margin([_item(_uniform(900, shape, 0.55 * d, rng), shape)], [d], 0.5)[0] == 0.0  # about the same
+    # too few picks to tell a habit from chance (fewer than 10 expected inside the margin)
+    few = [_item(_uniform(12, shape, 1.2 * d, rng), shape)]
+    margin, why = learn_edge_margin(few, [d], 0.5)
+    assert margin == 0.0 and "none beyond the edge rule" in why
+    assert learn_edge_margin([_item(np.zeros((0, 2)), shape)], [d], 0.5)[0] == 0.0
+
+
+def test_edge_margin_drops_picks_nearer_the_edge():
+    from crisp_ext.centres.postprocess import apply_edge
+
+    d = 20.0
+    picks = CentreSet(np.array([[5.0, 100.0], [15.0, 100.0], [30.0, 100.0], [100.0, 100.0]]), np.ones(4))
+    cfg = PickerConfig().updated({"centres.edge": "drop", "centres.edge_margin": 1.2})
+    opts = centre_options(cfg, d)
+    assert opts["edge"] == "drop" and opts["box_px"] == pytest.approx(48.0)
+    assert apply_edge(picks, (200, 200), opts["box_px"], opts["edge"]).xy[:, 0].tolist() == [30.0, 100.0]
+    # a margin narrower than half a box changes nothing; with the keep rule a margin still drops
+    assert centre_options(cfg.updated({"centres.edge_margin": 0.3}), d)["box_px"] == pytest.approx(20.0)
+    keep = centre_options(cfg.updated({"centres.edge": "keep", "centres.edge_margin": 0.5}), d)
+    assert keep["edge"] == "drop" and keep["box_px"] == pytest.approx(20.0)
+    assert centre_options(cfg.updated({"centres.edge": "keep", "centres.edge_margin": 0.0}), d)["edge"] == "keep"
+    # not yet chosen (a model saved before the margin existed): none
+    assert centre_options(cfg.updated({"centres.edge_margin": "auto"}), d)["box_px"] == pytest.approx(20.0)
+
+
+def test_a_loaded_model_keeps_its_edge_margin_unless_given():
+    saved = PickerConfig().updated({"centres.edge": "drop", "centres.edge_margin": 1.19})
+    assert _picking_config(saved, PickerConfig(), {}).centres.edge_margin == 1.19
+    given = PickerConfig().updated({"centres.edge_margin": 0.0})
+    assert _picking_config(saved, given, {}).centres.edge_margin == 0.0
+    assert _picking_config(saved, given.updated({"centres.threshold": 0.3}), {}).centres.edge_margin == 0.0
+    assert _picking_config(saved, given.updated({"centres.map": "centre"}), {}).centres.map == "centre"
+    assert saved.centres.edge_margin == 1.19 and saved.centres.map == "auto"  # the saved config is left as it was
+    older = PickerConfig().updated({"centres.edge": "drop"})  # saved before the margin was learned
+    assert centre_options(_picking_config(older, PickerConfig(), {}), 20.0)["box_px"] == pytest.approx(20.0)
 
 
 def _mics(tmp_path, n=2, shape=(100, 120)):

@@ -244,10 +244,11 @@ class CentreConfig:
     # Picks closer than this to the micrograph edge (in diameters) are dropped too, beyond the edge rule; 0 = only
     # the rule. auto (with the drop rule): the margin the curated picks themselves keep, when it is wider than half
     # a box and no accident (their distance from the edge, the nearest 0.2 % set aside as strays; at least ten
-    # times as many picks, and 10, expected inside it at their density; 0.1 D wider at least); chosen at training,
-    # saved. EMPIAR-10017's expert picks keep 1.19 D (none nearer, full density from 1.25 D): with it (test F1 at
-    # r / r/2, AP, seeds 0 and 1) 0.890/0.880/0.893 -> 0.894/0.883/0.894 and 0.888/0.879/0.877 -> 0.893/0.884/0.879;
-    # apoferritin (edge rule keep) and the simulated scenes (picks kept 0.5 D from the edge) learn none.
+    # times as many picks, and 10, expected inside it at their density; 0.1 D wider at least, 2 D at most); chosen
+    # at training, saved. EMPIAR-10017's expert picks keep 1.19 D (none nearer, full density from 1.25 D): with it
+    # (test F1 at r / r/2, AP, seeds 0 and 1) 0.890/0.880/0.893 -> 0.894/0.883/0.894 and 0.888/0.879/0.877 ->
+    # 0.893/0.884/0.879; apoferritin (edge rule keep) and the simulated scenes (picks kept 0.5 D from the edge)
+    # learn none.
     edge_margin: float | str = "auto"
     min_distance: float = 0.5  # de-duplication distance, in diameters
     # Move picks to the local probability centroid, Gaussian window sigma in diameters; 0 = off. auto: 0 or 0.25,

@@ -63,7 +63,7 @@ def centre_options(cfg: PickerConfig, diameter_w: float) -> dict:
     """Edge rule (with the edge margin), refinement and de-duplication at the working scale, the same for selection
     and picking. ``centres.edge_margin = auto`` not yet chosen (as in a model saved before the choice): none."""
     edge, box = cfg.centres.edge, cfg.centres.box_fraction * diameter_w
-    margin = 0.0 if cfg.centres.edge_margin == "auto" else float(cfg.centres.edge_margin) * diameter_w
+    margin = (0.0 if cfg.centres.edge_margin == "auto" else float(cfg.centres.edge_margin)) * diameter_w
     if margin > (box / 2 if edge == "drop" else 0.0):  # a wider margin: drop as if the box were twice as wide
         edge, box = "drop", 2 * margin
     return {"edge": edge, "box_px": box, "min_distance_px": cfg.centres.min_distance * diameter_w,

@@ -181,6 +181,7 @@ def choose_edge_rule(items, diameters_w: Sequence[float], box_fraction: float) -
 
 EDGE_STRAYS = 0.002  # share of the curated picks nearest the edge set aside when learning the edge margin
 EDGE_MARGIN_STEP = 0.1  # diameters: a margin less than this wider than the edge rule's is the same rule
+EDGE_MARGIN_MAX = 2.0  # diameters: a wider empty band says more about where the curator looked than about the edge
 
 
 def learn_edge_margin(items, diameters_w: Sequence[float], wider_than: float) -> tuple[float, str]:
@@ -188,8 +189,8 @@ def learn_edge_margin(items, diameters_w: Sequence[float], wider_than: float) ->
     from the micrograph edge, when it is wider than ``wider_than`` and no accident: the distance of the pick nearest
     the edge once the nearest :data:`EDGE_STRAYS` are set aside, where their density predicts at least 10, and ten
     times as many picks as lie inside it. Else 0 (nothing beyond the edge rule), also when it is less than
-    :data:`EDGE_MARGIN_STEP` wider (simulated picks, kept whole inside the micrograph, keep 0.5). And why (a log
-    line)."""
+    :data:`EDGE_MARGIN_STEP` wider (simulated picks, kept whole inside the micrograph, keep 0.5); at most
+    :data:`EDGE_MARGIN_MAX`. And why (a log line)."""
     dist = [np.minimum.reduce([it.truth_xy[:, 0], it.truth_xy[:, 1], it.image.shape[1] - it.truth_xy[:, 0],
                                it.image.shape[0] - it.truth_xy[:, 1]]) / d
             for it, d in zip(items, diameters_w) if len(it.truth_xy)]
@@ -203,7 +204,8 @@ def learn_edge_margin(items, diameters_w: Sequence[float], wider_than: float) ->
             f"density predicts {expected:.0f})")
     if margin < wider_than + EDGE_MARGIN_STEP or expected < 10 or seen > 0.1 * expected:
         return 0.0, f"edge margin: none beyond the edge rule; {what}"
-    return margin, f"edge margin {margin:.2f} diameters: {what}; picks nearer the edge are dropped"
+    used = min(margin, EDGE_MARGIN_MAX)
+    return used, f"edge margin {used:.2f} diameters: {what}; picks nearer the edge are dropped"
 
 
 def choose_split(ids_with_picks: Sequence[str], n_train: int, n_val: int, seed: int,
@@ -329,10 +331,27 @@ def _train(micrographs, by_id, particles: Particles, cfg: PickerConfig, work_dir
     return result.model, cfg, info, model_dir, validation
 
 
+def _resolve_edge(cfg: PickerConfig, prepared: dict, diam_w: dict, progress) -> PickerConfig:
+    """``centres.edge`` and ``centres.edge_margin`` chosen from the curated picks where they are ``auto``."""
+    items, diameters = [prepared[m][0] for m in prepared], [diam_w[m] for m in prepared]
+    if cfg.centres.edge == "auto":
+        edge, why = choose_edge_rule(items, diameters, cfg.centres.box_fraction)
+        cfg = cfg.updated({"centres.edge": edge})
+        progress(ProgressEvent("select", message=why))
+    if cfg.centres.edge_margin == "auto":
+        margin, why = 0.0, "edge margin: none (edge rule keep)"
+        if cfg.centres.edge == "drop":
+            margin, why = learn_edge_margin(items, diameters, 0.5 * cfg.centres.box_fraction)
+        cfg = cfg.updated({"centres.edge_margin": margin})
+        progress(ProgressEvent("select", message=why))
+    return cfg
+
+
 def _select(model, cfg: PickerConfig, prepared: dict, diam_w: dict, val: list[str], progress):
     """The map, centre finder, its settings and the threshold, chosen on the validation micrographs' predicted
-    maps; returns the config with ``centres.map``, ``centres.edge``, ``centres.edge_margin`` and ``centres.refine`` resolved, the selection,
-    the threshold, the validation metrics at it and the validation picks (a ``CentreSet`` per micrograph)."""
+    maps; returns the config with ``centres.map``, ``centres.edge``, ``centres.edge_margin`` and ``centres.refine``
+    resolved, the selection, the threshold, the validation metrics at it and the validation picks (a ``CentreSet``
+    per micrograph)."""
     from .centres.postprocess import pick_centres
     from .centres.select import select_finder
     from .metrics import picking_metrics
@@ -342,18 +361,7 @@ def _select(model, cfg: PickerConfig, prepared: dict, diam_w: dict, val: list[st
     val_channels = [predict_maps(model, prepared[m][0].image, cfg.predict) for m in val]
     val_truth = [prepared[m][0].truth_xy for m in val]
     diameter_w = float(np.median([diam_w[m] for m in val]))
-    if cfg.centres.edge == "auto":
-        edge, why = choose_edge_rule([prepared[m][0] for m in prepared], [diam_w[m] for m in prepared],
-                                     cfg.centres.box_fraction)
-        cfg = cfg.updated({"centres.edge": edge})
-        progress(ProgressEvent("select", message=why))
-    if cfg.centres.edge_margin == "auto":
-        margin, why = 0.0, "edge margin: none (edge rule keep)"
-        if cfg.centres.edge == "drop":
-            margin, why = learn_edge_margin([prepared[m][0] for m in prepared], [diam_w[m] for m in prepared],
-                                            0.5 * cfg.centres.box_fraction)
-        cfg = cfg.updated({"centres.edge_margin": margin})
-        progress(ProgressEvent("select", message=why))
+    cfg = _resolve_edge(cfg, prepared, diam_w, progress)
     finders = ("nms", "trackpy", "morphology") if cfg.centres.finder == "auto" else (cfg.centres.finder,)
     names = ["segmentation", "centre"][: cfg.output_channels()]
     tried = names if cfg.centres.map == "auto" else [cfg.centres.map]

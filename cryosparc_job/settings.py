@@ -73,7 +73,9 @@ def key_parameters(cfg: PickerConfig, model_dir: Path | None) -> list[tuple[str,
         rows.append(("working particle diameter", f"{cfg.preprocess.target_diameter_px:g} px"))
     rows += [("centre finder", chosen if c.finder == "auto" else c.finder),
              ("threshold", chosen if c.threshold is None else f"{c.threshold:g}"),
-             ("edge rule", c.edge), ("device", cfg.train.device)]
+             ("edge rule", c.edge),
+             ("edge margin", "the curated picks'" if c.edge_margin == "auto" else f"{c.edge_margin:g} diameters"),
+             ("device", cfg.train.device)]
     return rows
 
 

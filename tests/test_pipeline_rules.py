@@ -50,6 +50,9 @@ def test_edge_margin_is_the_one_the_curators_kept():
     assert learn_edge_margin([_item(_uniform(900, shape, 0.0, rng), shape)], [d], 0.5)[0] == 0.0
     assert learn_edge_margin([_item(_uniform(900, shape, 0.4 * d, rng), shape)], [d], 0.5)[0] == 0.0
     assert learn_edge_margin([_item(_uniform(900, shape, 0.55 * d, rng), shape)], [d], 0.5)[0] == 0.0  # about the same
+    # an empty band wider than two diameters: two
+    middle = [_item(_uniform(900, shape, 3.0 * d, rng), shape)]
+    assert learn_edge_margin(middle, [d], 0.5)[0] == 2.0
     # too few picks to tell a habit from chance (fewer than 10 expected inside the margin)
     few = [_item(_uniform(12, shape, 1.2 * d, rng), shape)]
     margin, why = learn_edge_margin(few, [d], 0.5)

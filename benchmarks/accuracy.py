@@ -21,13 +21,15 @@ score) at r, the mean distance of matched picks to the truth at r (original px),
 seconds per micrograph (wall). Results are cached in ``OUT/<scene>/<candidate>/result.json`` with the whole
 config they ran with; a re-run computes only what is missing or was computed with another config (the defaults
 or the candidate's overrides changed since; the old run is moved to ``<candidate>.stale``). ``--fresh``
-recomputes everything asked for.
+recomputes everything asked for. The real scenes are read from ../shared/data, or from ``$CRISP_BENCH_DATA``.
+Candidate ``paper`` is ``crisp-ext config --paper`` (for a GPU).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import time
 from pathlib import Path
@@ -43,7 +45,16 @@ from crisp_ext.io.mrc import write_mrc  # noqa: E402
 from crisp_ext.metrics import picking_metrics  # noqa: E402
 from crisp_ext.types import Micrograph, Particles  # noqa: E402
 
-SHARED = ROOT.parent / "shared" / "data"
+# the real datasets; CRISP_BENCH_DATA names another folder holding empiar10017/ and apoferritin10146/ (a machine
+# where ../shared is not beside the checkout, such as the device machine: benchmarks/device_figures.sh)
+SHARED = Path(os.environ.get("CRISP_BENCH_DATA") or ROOT.parent / "shared" / "data")
+
+
+def _differences(cfg: PickerConfig) -> dict:
+    """``cfg`` as dotted overrides of the defaults (the keys where it differs)."""
+    base, mine = PickerConfig().to_dict(), cfg.to_dict()
+    return {f"{section}.{key}": value for section, values in mine.items() for key, value in values.items()
+            if base[section][key] != value}
 
 # Candidate settings (dotted config keys); "default" is the package's defaults as they are.
 CANDIDATES: dict[str, dict] = {
@@ -67,6 +78,8 @@ CANDIDATES: dict[str, dict] = {
     "pu30": {"train.loss": "dice+nnpu", "labels.unpicked_fraction": 0.3},
     "centre_tta2": {"labels.centre_weight": 1.0, "centres.map": "auto", "centres.edge": "auto", "predict.tta": 2},
 }
+# the published recipe (``crisp-ext config --paper``: U-Net++ / EfficientNet-b5 at 512², CD-CRF), for a GPU
+CANDIDATES["paper"] = _differences(PickerConfig.paper())
 
 
 # -- scenes -----------------------------------------------------------------------------------------------------------

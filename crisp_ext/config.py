@@ -392,20 +392,15 @@ def _objective(value) -> str | None:
     return None if m and float(m.group(1)) > 0 else "use f1, recall, precision or fbeta:<beta > 0>"
 
 
-def _refine(value) -> str | None:
-    if value == "auto":
-        return None
-    if isinstance(value, (int, float)) and not isinstance(value, bool) and 0 <= value < float("inf"):
-        return None
-    return "use auto or a window width >= 0 in diameters (0 = off)"
-
-
-def _edge_margin(value) -> str | None:
-    if value == "auto":
-        return None
-    if isinstance(value, (int, float)) and not isinstance(value, bool) and 0 <= value < float("inf"):
-        return None
-    return "use auto or a distance from the edge >= 0 in diameters (0 = only the edge rule)"
+def _auto_or_at_least_zero(hint: str):
+    """A check: ``auto`` or a finite number >= 0 (in diameters); else ``hint``."""
+    def check(value) -> str | None:
+        if value == "auto":
+            return None
+        if isinstance(value, (int, float)) and not isinstance(value, bool) and 0 <= value < float("inf"):
+            return None
+        return hint
+    return check
 
 
 SCHEMA: dict[str, dict[str, Rule]] = {
@@ -444,7 +439,9 @@ SCHEMA: dict[str, dict[str, Rule]] = {
                 "threshold": _at_least(0, 1, "a score threshold between 0 and 1"),
                 "threshold_objective": Rule(check=_objective), "match_radius": Rule(low=0, high=2, open_low=True),
                 "edge": Rule(choices=("auto", "drop", "keep")), "box_fraction": _positive(), "min_distance": _at_least(0),
-                "edge_margin": Rule(check=_edge_margin), "refine": Rule(check=_refine)},
+                "edge_margin": Rule(check=_auto_or_at_least_zero("use auto or a distance from the edge >= 0 in "
+                                                                 "diameters (0 = only the edge rule)")),
+                "refine": Rule(check=_auto_or_at_least_zero("use auto or a window width >= 0 in diameters (0 = off)"))},
 }
 
 

@@ -8,7 +8,7 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 
-from crisp_ext.config import PickerConfig
+from crisp_ext.config import ConfigError, PickerConfig
 from crisp_ext.errors import InputError
 from crisp_ext.io.mrc import write_mrc
 from crisp_ext.centres.base import CentreSet
@@ -76,6 +76,8 @@ def test_edge_margin_drops_picks_nearer_the_edge():
     assert centre_options(cfg.updated({"centres.edge": "keep", "centres.edge_margin": 0.0}), d)["edge"] == "keep"
     # not yet chosen (a model saved before the margin existed): none
     assert centre_options(cfg.updated({"centres.edge_margin": "auto"}), d)["box_px"] == pytest.approx(20.0)
+    with pytest.raises(ConfigError, match="centres.edge_margin.*auto or a distance"):
+        cfg.updated({"centres.edge_margin": -1})
 
 
 def test_a_loaded_model_keeps_its_edge_margin_unless_given():

@@ -18,7 +18,7 @@ cd "$(dirname "$0")/.."
 part=${1:-accuracy}
 OUT=${OUT:-bench_out/device}
 mkdir -p "$OUT"
-export PYTHONUNBUFFERED=1 CRISP_BENCH_DATA=$PWD/.device/data
+export PYTHONUNBUFFERED=1 CRISP_BENCH_DATA=$PWD/.device/data PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}
 PY=${PY:-python3}
 if [ "${INSTALL:-1}" = 1 ]; then
     $PY -m pip install -q --no-index --no-deps .device/wheels/*.whl 2>&1 | tail -3

@@ -150,10 +150,15 @@ def check_training_picks(micrographs: Sequence[Micrograph], particles: Particles
     return particles.subset(keep) if n_out else particles
 
 
+def _edge_distance(x: np.ndarray, y: np.ndarray, shape: tuple[int, int]) -> np.ndarray:
+    """Each centre's distance to the nearest edge of a micrograph of ``shape`` (ny, nx)."""
+    ny, nx = shape
+    return np.minimum.reduce([x, y, nx - x, ny - y])
+
+
 def _near_edge(x: np.ndarray, y: np.ndarray, shape: tuple[int, int], half_box: float) -> np.ndarray:
     """Which centres lie within ``half_box`` of the edge of a micrograph of ``shape`` (ny, nx)."""
-    ny, nx = shape
-    return (x < half_box) | (x > nx - half_box) | (y < half_box) | (y > ny - half_box)
+    return _edge_distance(x, y, shape) < half_box
 
 
 def _edge_band(shape: tuple[int, int], width: float) -> float:
@@ -191,8 +196,7 @@ def learn_edge_margin(items, diameters_w: Sequence[float], wider_than: float) ->
     times as many picks as lie inside it. Else 0 (nothing beyond the edge rule), also when it is less than
     :data:`EDGE_MARGIN_STEP` wider (simulated picks, kept whole inside the micrograph, keep 0.5); at most
     :data:`EDGE_MARGIN_MAX`. And why (a log line)."""
-    dist = [np.minimum.reduce([it.truth_xy[:, 0], it.truth_xy[:, 1], it.image.shape[1] - it.truth_xy[:, 0],
-                               it.image.shape[0] - it.truth_xy[:, 1]]) / d
+    dist = [_edge_distance(it.truth_xy[:, 0], it.truth_xy[:, 1], it.image.shape) / d
             for it, d in zip(items, diameters_w) if len(it.truth_xy)]
     if not dist:
         return 0.0, "edge margin: no picks to judge by"

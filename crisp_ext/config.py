@@ -208,9 +208,11 @@ class CRFConfig:
 
 @dataclass
 class PredictConfig:
-    tile: int = 512  # working pixels
+    # Largest tile (working pixels); tiles are sized to the micrograph, as few as this allows: one tile for a
+    # micrograph of up to this size, 2x2 of 864 for 1611 px. Larger tiles waste less on overlap and padding.
+    tile: int = 1024
     overlap: int = 64  # working pixels shared by neighbouring tiles (blended with a smooth window)
-    batch_size: int = 4  # tiles per forward pass
+    batch_size: int = 1  # tiles per forward pass
     # Test-time augmentation: average the map over 1 | 2 | 4 | 8 symmetric views of each tile (flip, rotations,
     # both); costs that many network passes. Training's per-epoch validation always uses 1.
     tta: int = 1
@@ -285,7 +287,7 @@ class PickerConfig:
         cfg.labels = LabelConfig(centre_weight=0.0)  # the published network has one output
         cfg.crf = CRFConfig(kind="cd", solver="fw", theta_alpha=160.0, theta_beta=0.05, theta_gamma=3.0,
                             spatial_weight=1.0, bilateral_weight=1.0, x0_weight=0.5, finetune_epochs=50)
-        cfg.predict = PredictConfig(tile=512, overlap=64, bf16=False)
+        cfg.predict = PredictConfig(tile=512, overlap=64, batch_size=4, bf16=False)
         return cfg
 
     def output_channels(self) -> int:

@@ -11,7 +11,7 @@ import torch.nn as nn
 
 from crisp_ext.config import PredictConfig
 from crisp_ext.errors import InputError
-from crisp_ext.predict import blend_window, predict_many, predict_map, tile_starts
+from crisp_ext.predict import blend_window, predict_many, predict_map, tile_size, tile_starts
 from crisp_ext.preprocess import Scale, WorkingImage
 
 
@@ -45,6 +45,20 @@ def test_tiles_cover_the_axis_with_the_overlap(length, tile, overlap):
     if tile < length:
         assert starts[-1] == length - tile
         assert all(b - a <= tile - overlap for a, b in zip(starts, starts[1:]))
+
+
+@pytest.mark.parametrize("length", [10, 64, 100, 910, 1000, 1024, 1025, 1611, 2048, 2880, 4096])
+@pytest.mark.parametrize("largest", [64, 512, 1024])
+def test_tiles_are_sized_to_the_axis(length, largest):
+    overlap, multiple = 64 if largest > 64 else 16, 32
+    tile = tile_size(length, largest, overlap, multiple)
+    starts = tile_starts(max(length, tile), tile, overlap)
+    assert tile % multiple == 0 and tile <= largest
+    fewest = 1 if length <= largest else -(-(length - overlap) // (largest - overlap))
+    assert len(starts) == fewest  # as few tiles as the largest allows...
+    assert len(starts) * tile < length + (len(starts) - 1) * overlap + len(starts) * multiple  # ...none larger than needed
+    if length == 910 and largest == 1024:
+        assert (tile, len(starts)) == (928, 1)
 
 
 def test_blend_window_is_smooth_and_strictly_positive():
@@ -181,3 +195,4 @@ def test_large_buffers_are_reused_not_faulted_in_again_even_under_dasks_trim_set
     pages = 100 * (32 << 20) // resource.getpagesize()
     assert faults["default"] > 0.8 * pages
     assert faults["keep"] < 0.3 * pages
+

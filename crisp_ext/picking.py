@@ -117,8 +117,9 @@ def pick_stream(model, mics: Sequence[Micrograph], cfg: PickerConfig, finder: st
     the one loop of picking, in one process and on each Dask worker alike.
 
     The next micrographs are read ahead (``cfg.predict.workers`` loader processes, or one thread where ``processes``
-    is False; by default processes where this process may start them), and one micrograph's centres are found in a
-    thread while the network predicts the next. ``map_file(mic)``: where its map goes (with ``predict.save_maps``).
+    is False; by default processes only where the network runs on a GPU and this process may start them: on the
+    CPU a loader process would take a core from the network, which is most of the work), and one micrograph's
+    centres are found in a thread while the network predicts the next. ``map_file(mic)``: where its map goes (with ``predict.save_maps``).
     ``network``: held while the network runs. ``on_error(mic, exc)``: the exception to raise instead of ``exc``,
     which happened on ``mic`` (by default ``exc`` itself)."""
     import time
@@ -139,8 +140,15 @@ def pick_stream(model, mics: Sequence[Micrograph], cfg: PickerConfig, finder: st
             raise on_error(mic, exc) from None
         return mic, picks, wi, time.time()
 
+    if processes is None:
+        import torch
+
+        from .predict import model_device
+
+        on = torch.device(device) if device is not None else model_device(model)
+        processes = on.type != "cpu" and may_start_processes()
     stream = predict_many(model, mics, MicrographLoader(cfg), cfg.predict, device, map_channel(cfg),
-                          processes=may_start_processes() if processes is None else processes, network=network)
+                          processes=processes, network=network)
     queue: deque = deque()
     with ThreadPoolExecutor(max_workers=1, thread_name_prefix="crisp-centres") as pool:
         try:

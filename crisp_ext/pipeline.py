@@ -569,8 +569,7 @@ def pick(
             for mic, xy, score, worker in batch:
                 done(len(arrivals), mic, Particles.for_one(mic.id, xy, score), None, f" (worker {worker})")
     else:
-        # the next micrographs read in a loader process, one micrograph's centres found while the network
-        # predicts the next
+        # the next micrographs read ahead, one micrograph's centres found while the network predicts the next
         for k, (mic, picks, wi, _) in enumerate(pick_stream(picker.model, todo, cfg, picker.finder, picker.params,
                                                             picker.threshold, map_file=map_file)):
             done(k, mic, picks, wi)

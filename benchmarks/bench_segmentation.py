@@ -12,8 +12,8 @@ simulated once and the rest are shifted copies with fresh noise.
   with the config's recipe (early stopping off, so every epoch is timed). ``--epochs N`` times the first N epochs
   and extrapolates to the config's epoch count (said so in the output).
 * pick: ``predict_many`` over ``--pick`` micrograph files on the CPU, reading ahead in a thread as ``crisp-ext
-  pick`` does there: read + bin + normalise + tiled prediction; centre finding is not included. Micrographs per second over the whole run (the
-  first load included) and peak memory (PSS) of the process and its workers together (sampled every 0.5 s).
+  pick`` does there: read + bin + normalise + tiled prediction; centre finding is not included. Micrographs per
+  second over the whole run (the first load included) and peak memory (PSS) of the process and its workers together (sampled every 0.5 s).
 * paper config on CPU: one training step (a batch of 2 × 512² after a warm-up step, scaled to the batch of 8) and
   one 512² tile are timed and extrapolated to 16 + 6 micrographs and 50 epochs at the paper's scale (no binning:
   81 tiles per 4096² micrograph); the CRF fine-tuning phase is not included.
@@ -314,7 +314,8 @@ def _print(r: dict) -> None:
               f"peak memory {r['peak_mb']:.0f} MB")
     elif r["part"] == "pick":
         print(f"[{name}] picking {r['micrographs']} micrographs -> {r['working_shape'][0]}² working px, "
-              f"{'reading ahead in a thread' if r['workers'] else 'reading in turn'}, {r['threads']} thread(s): {r['micrographs_per_s']:.2f} micrographs/s "
+              f"{'reading ahead in a thread' if r['workers'] else 'reading in turn'}, {r['threads']} thread(s): "
+              f"{r['micrographs_per_s']:.2f} micrographs/s "
               f"(one micrograph alone: read {r['read_s']:.2f} s, bin+normalise {r['bin_normalise_s']:.2f} s, "
               f"predict {r['predict_s']:.2f} s); {r['cpu_s_per_micrograph']:.2f} CPU-s per micrograph; "
               f"peak memory {r['peak_mb']:.0f} MB (process + workers)")

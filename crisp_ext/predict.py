@@ -38,7 +38,7 @@ def tile_starts(length: int, tile: int, overlap: int) -> list[int]:
 def tile_size(length: int, largest: int, overlap: int, multiple: int) -> int:
     """The tile (a multiple of ``multiple``, at most ``largest``) for an axis of ``length`` px: as few tiles as
     ``largest`` allows, each as small as still covers the axis with ``overlap`` px shared — so a micrograph of
-    910 px is one 928 px tile, not four of 512 (28 % more network time for the overlap and the padding)."""
+    910 px is one 928 px tile, not four of 512 (a fifth more network time, for the overlap and the padding)."""
     largest = _round_up(max(largest, multiple), multiple)
     if length <= largest:
         return _round_up(length, multiple)

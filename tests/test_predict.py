@@ -56,7 +56,8 @@ def test_tiles_are_sized_to_the_axis(length, largest):
     assert tile % multiple == 0 and tile <= largest
     fewest = 1 if length <= largest else -(-(length - overlap) // (largest - overlap))
     assert len(starts) == fewest  # as few tiles as the largest allows...
-    assert len(starts) * tile < length + (len(starts) - 1) * overlap + len(starts) * multiple  # ...none larger than needed
+    needed = length + (len(starts) - 1) * overlap
+    assert len(starts) * tile < needed + len(starts) * multiple  # ...none larger than needed
     if length == 910 and largest == 1024:
         assert (tile, len(starts)) == (928, 1)
 
@@ -199,7 +200,8 @@ def test_large_buffers_are_reused_not_faulted_in_again_even_under_dasks_trim_set
 
 @pytest.mark.parametrize("device,processes", [(None, False), ("cuda", True)])
 def test_picking_reads_ahead_in_a_thread_on_the_cpu_and_in_processes_for_a_gpu(monkeypatch, device, processes):
-    """On the CPU a loader process would take a core from the network (measured 15-20 % slower on 2 cores)."""
+    """On the CPU a loader process takes a core from the network (measured on 2 cores: 0.50-0.56 s per micrograph
+    instead of 0.41-0.45 with a reader thread)."""
     from crisp_ext import predict
     from crisp_ext.config import PickerConfig
     from crisp_ext.picking import pick_stream

@@ -13,7 +13,8 @@ simulated once and the rest are shifted copies with fresh noise.
   and extrapolates to the config's epoch count (said so in the output).
 * pick: ``predict_many`` over ``--pick`` micrograph files on the CPU, reading ahead in a thread as ``crisp-ext
   pick`` does there: read + bin + normalise + tiled prediction; centre finding is not included. Micrographs per
-  second over the whole run (the first load included) and peak memory (PSS) of the process and its workers together (sampled every 0.5 s).
+  second over the whole run (the first load included) and peak memory (PSS) of the process and its workers
+  together (sampled every 0.5 s).
 * paper config on CPU: one training step (a batch of 2 × 512² after a warm-up step, scaled to the batch of 8) and
   one 512² tile are timed and extrapolated to 16 + 6 micrographs and 50 epochs at the paper's scale (no binning:
   81 tiles per 4096² micrograph); the CRF fine-tuning phase is not included.

@@ -217,8 +217,8 @@ class PredictConfig:
     # both); costs that many network passes. Training's per-epoch validation always uses 1.
     tta: int = 1
     save_maps: bool = False  # write probability maps as MRC next to the picks
-    # Micrographs read and preprocessed ahead of the network: on a GPU that many loader processes; on the CPU one
-    # reader thread (a process would take a core from the network); 0 reads each in turn.
+    # Micrographs read and preprocessed ahead of the network: on a GPU in that many loader processes; on the CPU in
+    # that many threads (a process would take a core from the network); 0 reads each in turn.
     workers: int = 1
     bf16: bool = True  # bf16 autocast (CPU with native bf16, or CUDA with bf16): 2-3x faster there, probabilities within ~1e-2
     channels_last: bool = True  # NHWC memory format (faster convolutions on CPU)

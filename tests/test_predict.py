@@ -120,12 +120,12 @@ def _load(item):
     return _working(float(item))
 
 
-@pytest.mark.parametrize("workers", [0, 2])
-def test_predict_many_keeps_order_and_overlaps_loading(workers):
+@pytest.mark.parametrize("workers,processes", [(0, True), (2, True), (1, False), (3, False)])
+def test_predict_many_keeps_order_and_overlaps_loading(workers, processes):
     cfg = PredictConfig(tile=32, overlap=8, workers=workers, bf16=False)
-    items = ["-1", "0", "2.5", "1"]
+    items = ["-1", "0", "2.5", "1", "-0.5"]
     threads = torch.get_num_threads()
-    out = list(predict_many(Identity(), items, _load, cfg))
+    out = list(predict_many(Identity(), items, _load, cfg, processes=processes))
     assert torch.get_num_threads() == threads
     assert [o[0] for o in out] == items
     for item, working, prob in out:
@@ -133,10 +133,10 @@ def test_predict_many_keeps_order_and_overlaps_loading(workers):
         np.testing.assert_allclose(prob, 1 / (1 + np.exp(-float(item))), atol=1e-6)
 
 
-@pytest.mark.parametrize("workers", [0, 1])
-def test_load_errors_reach_the_caller_unchanged(workers):
+@pytest.mark.parametrize("workers,processes", [(0, True), (1, True), (2, False)])
+def test_load_errors_reach_the_caller_unchanged(workers, processes):
     cfg = PredictConfig(tile=32, overlap=8, workers=workers, bf16=False)
-    gen = predict_many(Identity(), ["1", "bad", "2"], _load, cfg)
+    gen = predict_many(Identity(), ["1", "bad", "2"], _load, cfg, processes=processes)
     assert next(gen)[0] == "1"
     with pytest.raises(InputError) as info:
         next(gen)
@@ -215,3 +215,24 @@ def test_picking_reads_ahead_in_a_thread_on_the_cpu_and_in_processes_for_a_gpu(m
     monkeypatch.setattr(predict, "predict_many", fake_predict_many)
     assert list(pick_stream(Identity(), [], PickerConfig(), "nms", {}, 0.5, device=device)) == []
     assert seen["processes"] is processes
+
+
+def test_reader_threads_load_that_many_micrographs_at_once():
+    import threading
+    import time
+
+    lock, state = threading.Lock(), {"now": 0, "most": 0}
+
+    def slow_load(item):
+        with lock:
+            state["now"] += 1
+            state["most"] = max(state["most"], state["now"])
+        time.sleep(0.2)
+        with lock:
+            state["now"] -= 1
+        return _working(float(item))
+
+    cfg = PredictConfig(tile=32, overlap=8, workers=3, bf16=False)
+    out = list(predict_many(Identity(), [str(i) for i in range(8)], slow_load, cfg, processes=False))
+    assert [o[0] for o in out] == [str(i) for i in range(8)]
+    assert state["most"] == 3

@@ -119,9 +119,9 @@ def pick_stream(model, mics: Sequence[Micrograph], cfg: PickerConfig, finder: st
     The next micrographs are read ahead (``cfg.predict.workers`` loader processes, or as many threads where
     ``processes`` is False; by default processes only where the network runs on a GPU and this process may start
     them: on the CPU a loader process would take a core from the network, which is most of the work), and one
-    micrograph's centres are found in a thread while the network predicts the next. ``map_file(mic)``: where its map goes (with
-    ``predict.save_maps``). ``network``: held while the network runs. ``on_error(mic, exc)``: the exception to
-    raise instead of ``exc``, which happened on ``mic`` (by default ``exc`` itself)."""
+    micrograph's centres are found in a thread while the network predicts the next. ``map_file(mic)``: where its map
+    goes (with ``predict.save_maps``). ``network``: held while the network runs. ``on_error(mic, exc)``: the
+    exception to raise instead of ``exc``, which happened on ``mic`` (by default ``exc`` itself)."""
     import time
     from collections import deque
     from concurrent.futures import ThreadPoolExecutor

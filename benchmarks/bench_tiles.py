@@ -28,8 +28,8 @@ def one_cell(model_dir: str, size: int, tile: int, batch: int, threads: int, rep
     import torch
 
     from crisp_ext.model_dir import load_model_dir
-    from crisp_ext.predict import predict_maps, tile_size, tile_starts
     from crisp_ext.model import size_multiple
+    from crisp_ext.predict import predict_maps, tile_layout
 
     torch.set_num_threads(threads)
     loaded = load_model_dir(model_dir)
@@ -40,8 +40,8 @@ def one_cell(model_dir: str, size: int, tile: int, batch: int, threads: int, rep
     for _ in range(repeat):
         predict_maps(loaded.model, image, cfg)
     seconds = (time.perf_counter() - start) / repeat
-    side = tile_size(size, tile, cfg.overlap, size_multiple(loaded.model))
-    n = len(tile_starts(max(size, side), side, cfg.overlap))
+    layout = tile_layout(size, size, cfg, size_multiple(loaded.model))
+    n, side = len(layout.rows), layout.th
     return {"size": size, "tile": tile, "batch": batch, "tiles": f"{n}x{n} of {side}",
             "network_mpx": round(n * n * side * side / 1e6, 2), "seconds": round(seconds, 3),
             "peak_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss // 1024}

@@ -51,7 +51,7 @@ from crisp_ext.crf import CRFSegmenter, build_crf_segmenter  # noqa: E402
 from crisp_ext.metrics import picking_metrics  # noqa: E402
 from crisp_ext.model import build_model, size_multiple  # noqa: E402
 from crisp_ext.pipeline import centre_options  # noqa: E402
-from crisp_ext.predict import autocast_context, blend_window, model_device, predict_map, tile_starts  # noqa: E402
+from crisp_ext.predict import autocast_context, model_device, predict_map, tile_layout  # noqa: E402
 from crisp_ext.train import _fingerprint, evaluate_maps, train_model  # noqa: E402
 
 VARIANTS = {  # name: (label, crf overrides)
@@ -71,23 +71,15 @@ def _log(msg: str) -> None:
 # -- prediction ----------------------------------------------------------------------------------------------------
 
 
-def _round_up(n: int, m: int) -> int:
-    return -(-n // m) * m
-
-
 def predict_stitched(seg: CRFSegmenter, image: np.ndarray, cfg) -> np.ndarray:
     """The network per tile (blended probabilities, and decoder features for the features guide), then the CRF
     once on the whole micrograph. Same tiles and blending as :func:`crisp_ext.predict.predict_map`."""
     device = model_device(seg)
     multiple = size_multiple(seg)
     h, w = image.shape
-    tile = _round_up(max(int(cfg.tile), multiple), multiple)
-    th, tw = min(tile, _round_up(h, multiple)), min(tile, _round_up(w, multiple))
-    hp, wp = max(h, th), max(w, tw)
+    th, tw, rows, cols, (hp, wp), window = tile_layout(h, w, cfg, multiple)
+    window = torch.from_numpy(window)
     padded = np.pad(image, ((0, hp - h), (0, wp - w)), mode="reflect") if (hp, wp) != (h, w) else image
-    rows, cols = tile_starts(hp, th, cfg.overlap), tile_starts(wp, tw, cfg.overlap)
-    window = torch.from_numpy(np.outer(blend_window(th, cfg.overlap if len(rows) > 1 else 0),
-                                       blend_window(tw, cfg.overlap if len(cols) > 1 else 0)))
     feats = seg.project is not None
     acc = norm = None
     coords = [(r, c) for r in rows for c in cols]

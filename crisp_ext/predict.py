@@ -12,7 +12,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import math
-from typing import Callable, Iterable, Iterator, TypeVar
+from typing import Callable, Iterable, Iterator, NamedTuple, TypeVar
 
 import numpy as np
 import torch
@@ -44,6 +44,30 @@ def tile_size(length: int, largest: int, overlap: int, multiple: int) -> int:
         return _round_up(length, multiple)
     n = int(math.ceil((length - overlap) / (largest - overlap)))
     return min(largest, _round_up(int(math.ceil((length + (n - 1) * overlap) / n)), multiple))
+
+
+class TileLayout(NamedTuple):
+    """How a map of (h, w) working px is cut: tiles of ``th`` x ``tw`` at ``rows`` x ``cols`` of the map
+    reflect-padded to ``padded`` (hp, wp), each weighted by ``window`` (th, tw) when blended."""
+
+    th: int
+    tw: int
+    rows: list[int]
+    cols: list[int]
+    padded: tuple[int, int]
+    window: np.ndarray
+
+
+def tile_layout(h: int, w: int, cfg: PredictConfig, multiple: int) -> TileLayout:
+    """The tiles :func:`predict_maps` cuts a map of (h, w) working px into (``cfg.tile`` the largest)."""
+    overlap = max(0, int(cfg.overlap))
+    th = tile_size(h, int(cfg.tile), overlap, multiple)
+    tw = tile_size(w, int(cfg.tile), overlap, multiple)
+    hp, wp = max(h, th), max(w, tw)
+    rows, cols = tile_starts(hp, th, overlap), tile_starts(wp, tw, overlap)
+    window = np.outer(blend_window(th, overlap if len(rows) > 1 else 0),
+                      blend_window(tw, overlap if len(cols) > 1 else 0)).astype(np.float32)
+    return TileLayout(th, tw, rows, cols, (hp, wp), window)
 
 
 def blend_window(tile: int, overlap: int) -> np.ndarray:
@@ -109,14 +133,8 @@ def predict_maps(model: nn.Module, image: np.ndarray, cfg: PredictConfig, device
     device = torch.device(device) if device is not None else model_device(model)
     multiple = size_multiple(model)
     h, w = image.shape
-    overlap = max(0, int(cfg.overlap))
-    th = tile_size(h, int(cfg.tile), overlap, multiple)
-    tw = tile_size(w, int(cfg.tile), overlap, multiple)
-    hp, wp = max(h, th), max(w, tw)
+    th, tw, rows, cols, (hp, wp), window = tile_layout(h, w, cfg, multiple)
     padded = np.pad(image, ((0, hp - h), (0, wp - w)), mode="reflect") if (hp, wp) != (h, w) else image
-    rows, cols = tile_starts(hp, th, overlap), tile_starts(wp, tw, overlap)
-    window = np.outer(blend_window(th, overlap if len(rows) > 1 else 0),
-                      blend_window(tw, overlap if len(cols) > 1 else 0)).astype(np.float32)
     acc = None
     norm = np.zeros((hp, wp), dtype=np.float32)
     coords = [(r, c) for r in rows for c in cols]
@@ -211,9 +229,8 @@ def predict_many(model: nn.Module, items: Iterable[T], load: Callable[[T], Worki
     that many DataLoader worker processes (with the ``spawn`` start method ``load`` must be picklable; on the CPU
     the model then uses that many torch threads fewer, at least one, until the iteration ends), or, with
     ``processes=False`` (the CPU, or a process that may not start any, such as a Dask worker), in that many
-    threads, the model keeping its own. An exception from
-    ``load`` is raised here, unchanged, when its item's turn comes. ``network``: held while the model runs (a
-    lock, where several callers share one model and its cores).
+    threads, the model keeping its own. An exception from ``load`` is raised here, unchanged, when its item's turn
+    comes. ``network``: held while the model runs (a lock, where several callers share one model and its cores).
     """
     items = list(items)
     device = torch.device(device) if device is not None else model_device(model)

@@ -6,20 +6,22 @@ Coordinates are original pixels of each micrograph (see :mod:`crisp_ext.types`);
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Sequence
 
 import numpy as np
 
 from .errors import InputError
-from .metrics import picking_metrics
+from .metrics import match_centres, picking_metrics
 from .types import Micrograph, Particles
 
 
 def evaluate_picks(micrographs: Sequence[Micrograph], picks: Particles, truth: Particles,
                    diameter: tuple[float | None, float | None], *, radius: float = 0.5,
-                   pixel_size: float | None = None) -> dict:
+                   pixel_size: float | None = None, pictures: Path | None = None) -> dict:
     """``{"total", "half_radius", "micrographs", "diameter_px", "radius_fraction"}`` over the micrographs that have
-    reference picks; ``diameter`` is ``(Å, px)`` as :func:`crisp_ext.config.parse_diameter` gives it."""
+    reference picks; ``diameter`` is ``(Å, px)`` as :func:`crisp_ext.config.parse_diameter` gives it. With
+    ``pictures``, a PNG per micrograph there (:func:`picture_matches`); each row then names its ``picture``."""
     from .io.mrc import read_info
     from .preprocess import diameter_in_pixels
 
@@ -39,6 +41,8 @@ def evaluate_picks(micrographs: Sequence[Micrograph], picks: Particles, truth: P
         truths.append(t.xy)
         diam.append(d)
         rows.append({"micrograph": m.name, **picking_metrics([p.xy], [s], [t.xy], radius * d).as_dict()})
+        if pictures is not None:
+            rows[-1]["picture"] = str(picture_matches(m, p.xy, t.xy, d, radius, ps, Path(pictures)))
     if not truths:
         raise InputError("no micrograph has both reference picks and a name among the micrographs")
     d = float(sorted(diam)[len(diam) // 2])
@@ -46,3 +50,23 @@ def evaluate_picks(micrographs: Sequence[Micrograph], picks: Particles, truth: P
     half = picking_metrics(preds, scores, truths, 0.5 * radius * d)
     return {"total": total.as_dict(), "half_radius": half.as_dict(), "micrographs": rows, "diameter_px": d,
             "radius_fraction": radius}
+
+
+def picture_matches(mic: Micrograph, picks_xy: np.ndarray, truth_xy: np.ndarray, diameter_px: float, radius: float,
+                    pixel_size: float | None, folder: Path) -> Path:
+    """``folder/matches_<name>.png``: the micrograph at the working scale with the picks matched to a reference
+    pick, those matched to none and the reference picks missed (one-to-one within ``radius`` diameters); whether
+    the unmatched picks sit on particles the reference left out is for the eye to judge. Coordinates are
+    original pixels."""
+    from .config import PreprocessConfig
+    from .plots import plot_matches
+    from .preprocess import load_working
+
+    wi = load_working(mic.path, diameter_px, PreprocessConfig(), pixel_size)
+    pi, ti, _ = match_centres(picks_xy, truth_xy, radius * diameter_px)
+    n_p, n_t, n_m = len(picks_xy), len(truth_xy), len(pi)
+    title = (f"{mic.name}: {n_p} picks, {n_t} reference; precision {n_m / max(n_p, 1):.2f}, "
+             f"recall {n_m / max(n_t, 1):.2f} (match within {radius:g} D)")
+    return plot_matches(wi.image, wi.scale.to_working(picks_xy), wi.scale.to_working(truth_xy), pi, ti,
+                        folder / f"matches_{mic.name}.png", diameter_px=wi.scale.length_to_working(diameter_px),
+                        title=title)

@@ -292,6 +292,50 @@ def test_evaluate_prints_and_writes_metrics_that_match_the_picks(project, picked
     assert json.loads(report2.read_text())["total"] == pytest.approx(metrics["total"])
 
 
+def test_evaluate_pictures_show_matched_unmatched_and_missed_picks(tmp_path, capsys):
+    """One PNG per micrograph: matched picks green, picks matched to nothing red, missed reference picks yellow;
+    each colour drawn on the micrograph only when there is something of that kind (the legend always lists them)."""
+    from PIL import Image
+
+    image = simulate_micrograph((128, 128), n_particles=0, snr=1.0, seed=3).image
+    for name in ("a", "b"):
+        write_mrc(tmp_path / "mics" / f"{name}.mrc", image, pixel_size=1.0)
+    truth = np.array([[30.0, 30.0], [90.0, 90.0]])
+    write_coordinates(tmp_path / "truth" / "a.star", truth)
+    write_coordinates(tmp_path / "truth" / "b.star", truth)
+    # a: both found; b: one found, one missed, one pick on nothing
+    write_coordinates(tmp_path / "picks" / "a_crisp.star", truth + 1.0, np.array([1.0, 1.0]))
+    write_coordinates(tmp_path / "picks" / "b_crisp.star", np.array([[31.0, 31.0], [30.0, 100.0]]),
+                      np.array([1.0, 1.0]))
+    pictures = tmp_path / "pictures"
+    assert main(["evaluate", "--mics", str(tmp_path / "mics"), "--picks", str(tmp_path / "picks"), "--truth",
+                 str(tmp_path / "truth"), "--diameter", "20px", "--pictures", str(pictures), "--json",
+                 str(tmp_path / "m.json")]) == 0
+    assert "matches_<micrograph>.png" in capsys.readouterr().out
+    rows = {r["micrograph"]: r for r in json.loads((tmp_path / "m.json").read_text())["micrographs"]}
+    assert sorted(p.name for p in pictures.iterdir()) == ["matches_a.png", "matches_b.png"]
+
+    def colours(name):
+        rgb = np.asarray(Image.open(rows[name]["picture"]).convert("RGB")).astype(int)
+        r, g, b = rgb[..., 0], rgb[..., 1], rgb[..., 2]
+        return {"red": ((r > 200) & (g < 60) & (b < 60)).sum(), "yellow": ((r > 200) & (g > 200) & (b < 60)).sum(),
+                "green": ((g > 100) & (r < 80) & (b < 80)).sum()}
+
+    a, b = colours("a"), colours("b")
+    assert a["green"] > 50 and b["green"] > 20
+    assert b["red"] > 20 and b["yellow"] > 5
+    # a has no unmatched pick and misses nothing: those colours only in the legend's small markers
+    assert a["red"] < 0.15 * b["red"] and a["yellow"] < 0.15 * b["yellow"]
+
+
+def test_evaluate_pictures_into_a_file_is_one_line(tmp_path, capsys):
+    (tmp_path / "taken").write_text("x")
+    rc = main(["evaluate", "--mics", str(tmp_path), "--picks", str(tmp_path), "--truth", str(tmp_path),
+               "--diameter", "20px", "--pictures", str(tmp_path / "taken")])
+    err = capsys.readouterr().err.strip()
+    assert rc == 2 and len(err.splitlines()) == 1 and "--pictures" in err and "taken" in err
+
+
 def test_evaluate_ranks_picks_by_their_figure_of_merit(tmp_path, capsys):
     """AP depends on the order of the picks: a confident false pick ranked first must cost precision."""
     image = simulate_micrograph((96, 96), n_particles=0, snr=1.0, seed=3).image

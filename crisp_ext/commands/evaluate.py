@@ -22,6 +22,10 @@ def add_parser(sub) -> None:
     p.add_argument("--only", help="evaluate these micrograph names only (comma separated or @file)")
     p.add_argument("--flip-y", action="store_true", help="the truth files are y-up")
     p.add_argument("--json", type=Path, help="write the metrics as JSON here")
+    p.add_argument("--pictures", type=Path, metavar="DIR",
+                   help="write a PNG per micrograph here: picks matched to a reference pick (green), picks matched "
+                        "to none (red: particles the reference left out, or false picks?) and reference picks "
+                        "missed (yellow)")
 
 
 def run(args) -> int:
@@ -30,6 +34,12 @@ def run(args) -> int:
     from ..io.atomic import atomic_write_text
     from ..io.inputs import find_micrographs, read_picks
 
+    if args.pictures is not None:
+        try:
+            args.pictures.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise InputError(f"--pictures {args.pictures}: cannot make this folder ({exc.strerror}); give a folder "
+                             "that can be written") from None
     all_mics = find_micrographs(args.mics, pixel_size=args.pixel_size)
     pred = read_picks(args.picks, all_mics)
     truth = read_picks(args.truth, all_mics, flip_y=args.flip_y)
@@ -38,7 +48,8 @@ def run(args) -> int:
     mics = [m for m in all_mics if m.id in keep]
     if len(truth) == 0:
         raise InputError(f"{args.truth}: no reference picks for these micrographs")
-    report = evaluate_picks(mics, pred, truth, args.diameter, radius=args.radius, pixel_size=args.pixel_size)
+    report = evaluate_picks(mics, pred, truth, args.diameter, radius=args.radius, pixel_size=args.pixel_size,
+                            pictures=args.pictures)
     total, half = report["total"], report["half_radius"]
     print(f"{'micrograph':<40} {'n_pred':>7} {'n_true':>7} {'P':>6} {'R':>6} {'F1':>6} {'AP':>6}")
     for r in report["micrographs"]:
@@ -49,4 +60,6 @@ def run(args) -> int:
               f"{m['precision']:6.3f} {m['recall']:6.3f} {m['f1']:6.3f} {m['ap']:6.3f}")
     if args.json:
         atomic_write_text(args.json, json.dumps(report, indent=2) + "\n")
+    if args.pictures:
+        print(f"pictures of the matches: {args.pictures}/matches_<micrograph>.png")
     return 0

@@ -2,7 +2,7 @@
 
     python benchmarks/accuracy.py [--scenes empiar10017,apoferritin,crowded,crowded_noisy,sparse_large]
         [--candidates before,default] [--set NAME:KEY=VALUE] [--threads 2] [--out bench_out/accuracy] [--fresh]
-        [--val N]
+        [--val N] [--pictures]
 
 Scenes (train / validation / test micrographs):
 - ``empiar10017``: ../shared/data/empiar10017, β-gal, 27 px, crowded, CryoPPP picks; the README's 4 / 2 / 14.
@@ -21,7 +21,10 @@ score) at r, the mean distance of matched picks to the truth at r (original px),
 seconds per micrograph (wall). Results are cached in ``OUT/<scene>/<candidate>/result.json`` with the whole
 config they ran with; a re-run computes only what is missing or was computed with another config (the defaults
 or the candidate's overrides changed since; the old run is moved to ``<candidate>.stale``). ``--fresh``
-recomputes everything asked for. The real scenes are read from ../shared/data, or from ``$CRISP_BENCH_DATA``.
+recomputes everything asked for. ``--pictures`` writes ``OUT/<scene>/<candidate>/pictures/matches_<mic>.png`` for
+each test micrograph of the runs it computes (picks matched to the truth green, unmatched red, truth missed yellow;
+``crisp-ext evaluate --pictures`` on written picks does the same). The real scenes are read from ../shared/data, or
+from ``$CRISP_BENCH_DATA``.
 Candidate ``paper`` is ``crisp-ext config --paper`` (for a GPU).
 """
 
@@ -198,7 +201,8 @@ def stale_because(cached: dict, cfg: PickerConfig) -> str | None:
     return None if not diff else "its config differs: " + "; ".join(diff[:4]) + (" ..." if len(diff) > 4 else "")
 
 
-def run_one(scene: Scene, candidate: str, overrides: dict, out: Path, threads: int) -> dict:
+def run_one(scene: Scene, candidate: str, overrides: dict, out: Path, threads: int, pictures: bool = False) -> dict:
+    from crisp_ext.evaluation import picture_matches
     from crisp_ext.pipeline import run
 
     cfg = effective_config(scene, overrides, threads)
@@ -215,6 +219,10 @@ def run_one(scene: Scene, candidate: str, overrides: dict, out: Path, threads: i
     scores = [by_mic[m].score if m in by_mic else np.zeros(0) for m in scene.test]
     truths = [scene.truth[m] for m in scene.test]
     d = scene.diameter_px
+    if pictures:
+        mics = {m.id: m for m in scene.micrographs}
+        for m, xy, t in zip(scene.test, preds, truths):
+            picture_matches(mics[m], xy, t, d, 0.5, None, work / "pictures")
     at_r = picking_metrics(preds, scores, truths, 0.5 * d)
     at_r2 = picking_metrics(preds, scores, truths, 0.25 * d)
     report = {
@@ -256,6 +264,8 @@ def main(argv=None) -> int:
     ap.add_argument("--val", type=int, default=None, metavar="N",
                     help="validate on only the first N of each scene's validation micrographs (the team's held-out "
                          "protocol uses 1); the others are left out entirely. Cached as CANDIDATE_valN.")
+    ap.add_argument("--pictures", action="store_true",
+                    help="a PNG of the matches for each test micrograph of the runs computed (not of cached ones)")
     args = ap.parse_args(argv)
     candidates = {k: dict(v) for k, v in CANDIDATES.items()}
     for item in args.set:
@@ -290,7 +300,7 @@ def main(argv=None) -> int:
                 work.rename(stale)
                 print(f"  [{scene.name}/{run_name}] recomputing ({why}); the old run is in {stale}", flush=True)
             # else: a run without a result was interrupted, and the pipeline continues it where it stopped
-            rows.append(run_one(scene, run_name, candidates[cand], args.out, args.threads))
+            rows.append(run_one(scene, run_name, candidates[cand], args.out, args.threads, args.pictures))
             print(table(rows[-1:]).splitlines()[-1], flush=True)
     print()
     print(table(rows))

@@ -54,15 +54,18 @@ def evaluate_picks(micrographs: Sequence[Micrograph], picks: Particles, truth: P
 
 def picture_matches(mic: Micrograph, picks_xy: np.ndarray, truth_xy: np.ndarray, diameter_px: float, radius: float,
                     pixel_size: float | None, folder: Path) -> Path:
-    """``folder/matches_<name>.png``: the micrograph at the working scale with the picks matched to a reference
-    pick, those matched to none and the reference picks missed (one-to-one within ``radius`` diameters); whether
-    the unmatched picks sit on particles the reference left out is for the eye to judge. Coordinates are
-    original pixels."""
+    """``folder/matches_<name>.png``: the micrograph binned as for picking (at most 2048 px wide) with the picks
+    matched to a reference pick, those matched to none and the reference picks missed (one-to-one within
+    ``radius`` diameters); whether the unmatched picks sit on particles the reference left out is for the eye to
+    judge. Coordinates are original pixels."""
     from .config import PreprocessConfig
+    from .io.mrc import read_info
     from .plots import plot_matches
     from .preprocess import load_working
 
-    wi = load_working(mic.path, diameter_px, PreprocessConfig(), pixel_size)
+    cfg = PreprocessConfig()
+    cfg.target_diameter_px = min(cfg.target_diameter_px, 2048.0 * diameter_px / max(read_info(mic.path).shape))
+    wi = load_working(mic.path, diameter_px, cfg, pixel_size)
     pi, ti, _ = match_centres(picks_xy, truth_xy, radius * diameter_px)
     n_p, n_t, n_m = len(picks_xy), len(truth_xy), len(pi)
     title = (f"{mic.name}: {n_p} picks, {n_t} reference; precision {n_m / max(n_p, 1):.2f}, "

@@ -23,9 +23,9 @@ def add_parser(sub) -> None:
     p.add_argument("--flip-y", action="store_true", help="the truth files are y-up")
     p.add_argument("--json", type=Path, help="write the metrics as JSON here")
     p.add_argument("--pictures", type=Path, metavar="DIR",
-                   help="write a PNG per micrograph here: picks matched to a reference pick (green), picks matched "
-                        "to none (red: particles the reference left out, or false picks?) and reference picks "
-                        "missed (yellow)")
+                   help="write a PNG per micrograph with reference picks here: picks matched to a reference pick "
+                        "(green), picks matched to none (red: particles the reference left out, or false picks?) "
+                        "and reference picks missed (yellow)")
 
 
 def run(args) -> int:

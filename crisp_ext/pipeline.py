@@ -314,7 +314,9 @@ def _train(micrographs, by_id, particles: Particles, cfg: PickerConfig, work_dir
                          f"the particle diameter and its unit, the coordinates, and train longer (train.epochs)")
     validation = {"micrographs": [by_id[m].name for m in val], "picking": vm.as_dict(),
                   "best_epoch": result.best_epoch, "best_metric": result.best_metric,
-                  "train_micrographs": [by_id[m].name for m in train]}
+                  "train_micrographs": [by_id[m].name for m in train],
+                  "pictures": [str(p) for p in _validation_pictures(work_dir, [by_id[m] for m in val], prepared,
+                                                                    val_picks, diam_w, cfg)]}
     diameters_px = [micrograph_diameter(by_id[m], cfg) for m in train]
     pixel_sizes = [prepared[m][1].pixel_size for m in train if prepared[m][1].pixel_size]
     pixel_size = float(np.median(pixel_sizes)) if pixel_sizes else None
@@ -333,6 +335,25 @@ def _train(micrographs, by_id, particles: Particles, cfg: PickerConfig, work_dir
     }
     save_model_dir(model_dir, result.model, cfg, info)
     return result.model, cfg, info, model_dir, validation
+
+
+def _validation_pictures(work_dir: Path, val: Sequence[Micrograph], prepared: dict, val_picks, diam_w: dict,
+                         cfg: PickerConfig) -> list[Path]:
+    """``plots/validation_<name>.png``: the picks on each validation micrograph against the user's picks there,
+    matched (green), not among the user's picks (red: particles the curation left out, or false picks) and the
+    user's picks missed (yellow); in working pixels."""
+    from .metrics import match_centres
+    from .plots import plot_matches
+
+    paths = []
+    for mic, cs in zip(val, val_picks):
+        item, d = prepared[mic.id][0], diam_w[mic.id]
+        pi, ti, _ = match_centres(cs.xy, item.truth_xy, cfg.centres.match_radius * d)
+        title = (f"{mic.name} (validation): {len(cs.xy)} picks, {len(item.truth_xy)} of yours; precision "
+                 f"{len(pi) / max(len(cs.xy), 1):.2f}, recall {len(pi) / max(len(item.truth_xy), 1):.2f}")
+        paths.append(plot_matches(item.image, cs.xy, item.truth_xy, pi, ti,
+                                  work_dir / "plots" / f"validation_{mic.name}.png", diameter_px=d, title=title))
+    return paths
 
 
 def _resolve_edge(cfg: PickerConfig, prepared: dict, diam_w: dict, progress) -> PickerConfig:
@@ -452,7 +473,7 @@ class Picker:
     info: dict = field(default_factory=dict)
     validation: dict = field(default_factory=dict)
     timings: dict = field(default_factory=dict)
-    plots: list = field(default_factory=list)  # PNGs written while training (label footprints)
+    plots: list = field(default_factory=list)  # PNGs written while training (label footprints, validation)
 
 
 def prepare_picker(
@@ -498,10 +519,13 @@ def prepare_picker(
     finder = cfg.centres.finder if cfg.centres.finder != "auto" else selection.get("finder", "nms")
     params = dict(cfg.centres.params) if cfg.centres.params else dict(selection.get("params", {}))
     threshold = float(cfg.centres.threshold if cfg.centres.threshold is not None else info.get("threshold", 0.5))
-    plot = info.get("labels_detail", {}).get("plot") if trained else None  # a loaded model's is elsewhere
+    plots = []  # a loaded model's pictures are elsewhere
+    if trained:
+        plot = info.get("labels_detail", {}).get("plot")
+        plots = ([Path(plot)] if plot else []) + [Path(p) for p in validation.get("pictures", [])]
     return Picker(model=model, config=cfg, model_dir=Path(model_dir), finder=finder, params=params,
                   threshold=threshold, info=info, validation=validation or info.get("validation", {}),
-                  timings=timings, plots=[Path(plot)] if plot else [])
+                  timings=timings, plots=plots)
 
 
 def pick(

@@ -331,6 +331,9 @@ def _log_plot(job, path: Path, threshold: float) -> None:
         text = f"Pick scores (threshold {threshold:.3g})"
     elif path.stem == "label_footprints":
         text = "Training labels: footprints of the 3D mask at each particle's pose"
+    elif path.stem.startswith("validation_"):
+        text = ("Validation micrograph " + path.stem.removeprefix("validation_") + ": picks matching the curated "
+                "particles (green), not among them (red), curated particles missed (yellow)")
     else:
         text = "Picks on " + path.stem.removeprefix("picks_")
     name = (re.sub(r"[^A-Za-z0-9_.-]+", "_", path.stem).strip("._") or "plot")[:64] + ".png"

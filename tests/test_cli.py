@@ -163,6 +163,12 @@ def test_train_writes_a_whole_model_directory(trained):
     assert (trained.out / "config.toml").is_file()
     assert f"model written to {model}" in trained.stdout
     assert "validation: precision" in trained.stdout and "AP" in trained.stdout
+    # a picture of the picks against the user's on each validation micrograph, named in the model's record
+    pictures = info["validation"]["pictures"]
+    assert len(pictures) == len(info["validation"]["micrographs"]) >= 1
+    assert sorted(Path(p).name for p in pictures) == sorted(f"validation_{m}.png"
+                                                            for m in info["validation"]["micrographs"])
+    assert all(is_png(Path(p)) and Path(p).parent == trained.out / "plots" for p in pictures)
     assert temp_files(trained.out) == []
 
 

@@ -267,7 +267,11 @@ def test_plots_are_uploaded_under_short_safe_names_with_the_sentence_as_caption(
     names = [a.filename for a in fake.assets.values() if a.job_uid == run.job_uid]
     assert names and all(re.fullmatch(r"[A-Za-z0-9_.-]{1,68}\.png", n) for n in names), names
     assert "score_histogram.png" in names
-    assert any(t.startswith("Pick scores (threshold") for t in fake.event_texts(run.job_uid))
+    texts = fake.event_texts(run.job_uid)
+    assert any(t.startswith("Pick scores (threshold") for t in texts)
+    # the validation micrographs' pictures, captioned as such
+    assert any(n.startswith("validation_") for n in names), names
+    assert any(t.startswith("Validation micrograph ") and "(red)" in t for t in texts)
 
 
 def test_an_exposure_without_a_recorded_shape_gets_the_file_shape():

@@ -109,11 +109,11 @@ def plot_matches(image: np.ndarray, picks_xy, truth_xy, matched_picks, matched_t
     """The micrograph with picks compared with reference picks, in the image's pixels: picks matched to a
     reference pick (green circles), picks matched to none (red circles: are they particles the reference left
     out?) and reference picks no pick matched (yellow dashed circles)."""
+    from matplotlib.lines import Line2D
+
     fig, ax = _micrograph_axes(image, 10.0)
     picks = np.asarray(picks_xy, dtype=float).reshape(-1, 2)
     truth = np.asarray(truth_xy, dtype=float).reshape(-1, 2)
-    from matplotlib.lines import Line2D
-
     hit = np.zeros(len(picks), dtype=bool)
     hit[np.asarray(matched_picks, dtype=int)] = True
     found = np.zeros(len(truth), dtype=bool)

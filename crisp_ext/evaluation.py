@@ -13,26 +13,26 @@ import numpy as np
 
 from .errors import InputError
 from .metrics import match_centres, picking_metrics
+from .progress import ProgressEvent
 from .types import Micrograph, Particles
 
 
 def evaluate_picks(micrographs: Sequence[Micrograph], picks: Particles, truth: Particles,
                    diameter: tuple[float | None, float | None], *, radius: float = 0.5,
-                   pixel_size: float | None = None, pictures: Path | None = None) -> dict:
+                   pixel_size: float | None = None, pictures: Path | None = None, progress=None) -> dict:
     """``{"total", "half_radius", "micrographs", "diameter_px", "radius_fraction"}`` over the micrographs that have
     reference picks; ``diameter`` is ``(Å, px)`` as :func:`crisp_ext.config.parse_diameter` gives it. With
-    ``pictures``, a PNG per micrograph there (:func:`picture_matches`); each row then names its ``picture``."""
+    ``pictures``, a PNG per micrograph there (:func:`picture_matches`), reported to ``progress``; each row then
+    names its ``picture``."""
     from .io.mrc import read_info
     from .preprocess import diameter_in_pixels
 
     finite = picks.score[np.isfinite(picks.score)] if picks.score is not None else np.zeros(0)
     floor = float(finite.min()) - 1.0 if len(finite) else 0.0  # below every real score
     rows, preds, scores, truths, diam = [], [], [], [], []
-    for m in micrographs:
-        t = truth.for_micrograph(m.id)
-        if len(t) == 0:
-            continue
-        p = picks.for_micrograph(m.id)
+    with_truth = [m for m in micrographs if len(truth.for_micrograph(m.id))]
+    for i, m in enumerate(with_truth):
+        t, p = truth.for_micrograph(m.id), picks.for_micrograph(m.id)
         ps = pixel_size or m.pixel_size or (read_info(m.path).pixel_size if diameter[0] else None)
         d = diameter_in_pixels(diameter[0], diameter[1], ps, where=str(m.path))
         s = np.where(np.isfinite(p.score), p.score, floor) if p.score is not None else np.ones(len(p))
@@ -43,6 +43,8 @@ def evaluate_picks(micrographs: Sequence[Micrograph], picks: Particles, truth: P
         rows.append({"micrograph": m.name, **picking_metrics([p.xy], [s], [t.xy], radius * d).as_dict()})
         if pictures is not None:
             rows[-1]["picture"] = str(picture_matches(m, p.xy, t.xy, d, radius, ps, Path(pictures)))
+            if progress is not None:
+                progress(ProgressEvent("pictures", i + 1, len(with_truth), m.name))
     if not truths:
         raise InputError("no micrograph has both reference picks and a name among the micrographs")
     d = float(sorted(diam)[len(diam) // 2])

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import sys
 from pathlib import Path
 
 from . import common
@@ -33,6 +34,7 @@ def run(args) -> int:
     from ..evaluation import evaluate_picks
     from ..io.atomic import atomic_write_text
     from ..io.inputs import find_micrographs, read_picks
+    from ..progress import TqdmReporter
 
     if args.pictures is not None:
         try:
@@ -49,7 +51,7 @@ def run(args) -> int:
     if len(truth) == 0:
         raise InputError(f"{args.truth}: no reference picks for these micrographs")
     report = evaluate_picks(mics, pred, truth, args.diameter, radius=args.radius, pixel_size=args.pixel_size,
-                            pictures=args.pictures)
+                            pictures=args.pictures, progress=TqdmReporter() if sys.stderr.isatty() else None)
     total, half = report["total"], report["half_radius"]
     print(f"{'micrograph':<40} {'n_pred':>7} {'n_true':>7} {'P':>6} {'R':>6} {'F1':>6} {'AP':>6}")
     for r in report["micrographs"]:

@@ -163,6 +163,10 @@ class TrainConfig:
     monitor: str = "iou"  # validation metric for early stopping / best epoch: iou | f1 | dice (soft Dice) | ap (picks)
     val_every: int = 1  # validate on whole micrographs every this many epochs (and after the last)
     jitter: float = 0.1  # intensity augmentation: gain exp(N(0, jitter)), offset N(0, jitter)
+    # Share of training patches given a film edge (augmentation): a step in intensity across a random, slightly
+    # curved line, with a bright or dark fringe, as at the edge of a carbon film or a thick-ice region; the labels
+    # are kept. For training micrographs without carbon when the micrographs to pick have it. 0 = off.
+    edge_augment: float = 0.0
     # Rounds of self-training (crisp_ext.pseudo_labels): confident picks on the training micrographs and on as
     # many unpicked ones become extra positives, then epochs // 3 epochs of fine-tuning per round. One round
     # (benchmarks/accuracy.py, test F1 at r / r/2, AP; off -> on): EMPIAR-10017 0.880/0.870/0.846 ->
@@ -426,6 +430,7 @@ SCHEMA: dict[str, dict[str, Rule]] = {
               "n_train": _at_least(1), "n_val": _at_least(0), "device": Rule(check=_device),
               "threads": _at_least(1, hint="CPU threads; leave unset for all cores"),
               "monitor": Rule(choices=("iou", "f1", "dice", "ap")), "val_every": _at_least(1), "jitter": _at_least(0),
+              "edge_augment": _at_least(0, 1),
               "self_training": _at_least(0, 3)},
     "crf": {"kind": Rule(choices=("none", "standard", "cd")), "solver": Rule(choices=("mf", "fw")),
             "iterations": _at_least(1), "theta_alpha": _positive(), "theta_beta": _positive(),

@@ -121,13 +121,29 @@ def _check_items(items: list[LabeledImage], what: str) -> None:
             raise InputError(f"{what} micrograph {it.name or '?'}: image holds NaN or infinite values")
 
 
+def film_edge(size: int, rng: np.random.Generator) -> np.ndarray:
+    """An additive ``(size, size)`` film edge for a normalised patch: a step of -2..2 (in the image's standard
+    deviations) across a random, slightly curved line through the patch, 1-3 px wide, with a fringe of -1.5..1.5
+    along it."""
+    yy, xx = np.mgrid[0:size, 0:size].astype(np.float32) - (size - 1) / 2.0
+    theta = rng.uniform(0.0, 2.0 * np.pi)
+    along = -xx * np.sin(theta) + yy * np.cos(theta)
+    dist = xx * np.cos(theta) + yy * np.sin(theta) - rng.uniform(-0.4, 0.4) * size
+    dist += rng.uniform(-1.0, 1.0) * along ** 2 / size  # a hole's rim: curved
+    width = rng.uniform(1.0, 3.0)
+    step = 1.0 / (1.0 + np.exp(-np.clip(dist / width, -30.0, 30.0)))
+    fringe = np.exp(-0.5 * (dist / width) ** 2)
+    return (rng.uniform(-2.0, 2.0) * step + rng.uniform(-1.5, 1.5) * fringe).astype(np.float32)
+
+
 class _PatchSampler:
     """Random (augmented) patches; images smaller than a patch are padded with ignored pixels."""
 
-    def __init__(self, items: list[LabeledImage], patch: int, augment: bool, jitter: float):
+    def __init__(self, items: list[LabeledImage], patch: int, augment: bool, jitter: float, edges: float = 0.0):
         self.patch = patch
         self.augment = augment
         self.jitter = float(jitter)
+        self.edges = float(edges)
         self.stacks = []
         for it in items:
             img = it.image.astype(np.float32, copy=False)
@@ -158,6 +174,8 @@ class _PatchSampler:
                     if self.jitter > 0:
                         gain = float(np.exp(rng.normal(0.0, self.jitter)))
                         patch[0] = patch[0] * gain + float(rng.normal(0.0, self.jitter))
+                    if self.edges > 0 and rng.random() < self.edges:
+                        patch[0] += film_edge(p, rng)
                 out.append(np.ascontiguousarray(patch))
         order = rng.permutation(len(out))
         depth = self.stacks[0].shape[0] if self.stacks else 3
@@ -331,7 +349,8 @@ def train_model(train: list[LabeledImage], val: list[LabeledImage], cfg: PickerC
         model.load_state_dict(initial_state)
     multiple = size_multiple(model)
     patch = int(np.ceil(tcfg.patch_size / multiple) * multiple)
-    sampler = _PatchSampler(train, patch, bool(tcfg.augment), tcfg.jitter if tcfg.augment else 0.0)
+    sampler = _PatchSampler(train, patch, bool(tcfg.augment), tcfg.jitter if tcfg.augment else 0.0,
+                            tcfg.edge_augment)
     per_image = max(int(tcfg.patches_per_micrograph), -(-int(tcfg.min_patches_per_epoch) // len(train)))
     n_patches = len(train) * per_image
     steps = int(np.ceil(n_patches / tcfg.batch_size))

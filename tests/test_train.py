@@ -230,3 +230,20 @@ def test_the_picking_monitor_chooses_the_best_epoch(data, tmp_path):
     aps = [row["val_ap"] for row in result.history if "val_ap" in row]
     assert len(aps) >= 3 and all(0.0 <= a <= 1.0 for a in aps)
     assert result.best_metric == pytest.approx(max(aps))
+
+
+def test_film_edge_augmentation_adds_a_step_to_the_image_and_keeps_the_labels(data):
+    from crisp_ext.train import _PatchSampler, film_edge
+
+    edge = film_edge(64, np.random.default_rng(5))
+    assert edge.shape == (64, 64) and np.isfinite(edge).all()
+    # a step and a fringe: the edge varies across the patch, within the step's and the fringe's ranges
+    lo, hi = np.percentile(edge, [5, 95])
+    assert hi - lo > 0.05 and np.abs(edge).max() <= 3.5 + 1e-6
+    plain = _PatchSampler(data[:1], 48, augment=True, jitter=0.1, edges=0.0)
+    edged = _PatchSampler(data[:1], 48, augment=True, jitter=0.1, edges=1.0)
+    (a,), (b,) = plain.epoch(np.random.default_rng(0), 1), edged.epoch(np.random.default_rng(0), 1)
+    # the same patch, cut, turned and jittered alike: only its image gains the edge; weight and targets are kept
+    np.testing.assert_array_equal(a[1:], b[1:])
+    diff = b[0] - a[0]
+    assert np.abs(diff).max() > 0.05 and np.percentile(diff, 95) - np.percentile(diff, 5) > 0.05

@@ -340,6 +340,7 @@ def test_evaluate_pictures_into_a_file_is_one_line(tmp_path, capsys):
                "--diameter", "20px", "--pictures", str(tmp_path / "taken")])
     err = capsys.readouterr().err.strip()
     assert rc == 2 and len(err.splitlines()) == 1 and "--pictures" in err and "taken" in err
+    assert (tmp_path / "taken").read_text() == "x"
 
 
 def test_evaluate_ranks_picks_by_their_figure_of_merit(tmp_path, capsys):

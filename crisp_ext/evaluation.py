@@ -30,9 +30,9 @@ def evaluate_picks(micrographs: Sequence[Micrograph], picks: Particles, truth: P
     finite = picks.score[np.isfinite(picks.score)] if picks.score is not None else np.zeros(0)
     floor = float(finite.min()) - 1.0 if len(finite) else 0.0  # below every real score
     rows, preds, scores, truths, diam = [], [], [], [], []
-    with_truth = [m for m in micrographs if len(truth.for_micrograph(m.id))]
-    for i, m in enumerate(with_truth):
-        t, p = truth.for_micrograph(m.id), picks.for_micrograph(m.id)
+    with_truth = [(m, t) for m in micrographs if len(t := truth.for_micrograph(m.id))]
+    for i, (m, t) in enumerate(with_truth):
+        p = picks.for_micrograph(m.id)
         ps = pixel_size or m.pixel_size or (read_info(m.path).pixel_size if diameter[0] else None)
         d = diameter_in_pixels(diameter[0], diameter[1], ps, where=str(m.path))
         s = np.where(np.isfinite(p.score), p.score, floor) if p.score is not None else np.ones(len(p))
@@ -62,16 +62,25 @@ def picture_matches(mic: Micrograph, picks_xy: np.ndarray, truth_xy: np.ndarray,
     judge. Coordinates are original pixels."""
     from .config import PreprocessConfig
     from .io.mrc import read_info
-    from .plots import plot_matches
     from .preprocess import load_working
 
     cfg = PreprocessConfig()
     cfg.target_diameter_px = min(cfg.target_diameter_px, 2048.0 * diameter_px / max(read_info(mic.path).shape))
     wi = load_working(mic.path, diameter_px, cfg, pixel_size)
+    return matches_picture(wi.image, wi.scale.to_working(picks_xy), wi.scale.to_working(truth_xy),
+                           wi.scale.length_to_working(diameter_px), radius, folder / f"matches_{mic.name}.png",
+                           f"{mic.name}: {len(picks_xy)} picks, {len(truth_xy)} reference",
+                           f" (match within {radius:g} D)")
+
+
+def matches_picture(image: np.ndarray, picks_xy, truth_xy, diameter_px: float, radius: float, path: Path,
+                    heading: str, tail: str = "") -> Path:
+    """Match ``picks_xy`` to ``truth_xy`` one-to-one within ``radius`` diameters and draw the matches on ``image``
+    (:func:`crisp_ext.plots.plot_matches`; coordinates and diameter in its pixels), titled ``heading`` with the
+    precision and recall, then ``tail``."""
+    from .plots import plot_matches
+
     pi, ti, _ = match_centres(picks_xy, truth_xy, radius * diameter_px)
-    n_p, n_t, n_m = len(picks_xy), len(truth_xy), len(pi)
-    title = (f"{mic.name}: {n_p} picks, {n_t} reference; precision {n_m / max(n_p, 1):.2f}, "
-             f"recall {n_m / max(n_t, 1):.2f} (match within {radius:g} D)")
-    return plot_matches(wi.image, wi.scale.to_working(picks_xy), wi.scale.to_working(truth_xy), pi, ti,
-                        folder / f"matches_{mic.name}.png", diameter_px=wi.scale.length_to_working(diameter_px),
-                        title=title)
+    title = (f"{heading}; precision {len(pi) / max(len(picks_xy), 1):.2f}, "
+             f"recall {len(pi) / max(len(truth_xy), 1):.2f}{tail}")
+    return plot_matches(image, picks_xy, truth_xy, pi, ti, path, diameter_px=diameter_px, title=title)

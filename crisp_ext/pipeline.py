@@ -342,17 +342,14 @@ def _validation_pictures(work_dir: Path, val: Sequence[Micrograph], prepared: di
     """``plots/validation_<name>.png``: the picks on each validation micrograph against the user's picks there,
     matched (green), not among the user's picks (red: particles the curation left out, or false picks) and the
     user's picks missed (yellow); in working pixels."""
-    from .metrics import match_centres
-    from .plots import plot_matches
+    from .evaluation import matches_picture
 
     paths = []
     for mic, cs in zip(val, val_picks):
-        item, d = prepared[mic.id][0], diam_w[mic.id]
-        pi, ti, _ = match_centres(cs.xy, item.truth_xy, cfg.centres.match_radius * d)
-        title = (f"{mic.name} (validation): {len(cs.xy)} picks, {len(item.truth_xy)} of yours; precision "
-                 f"{len(pi) / max(len(cs.xy), 1):.2f}, recall {len(pi) / max(len(item.truth_xy), 1):.2f}")
-        paths.append(plot_matches(item.image, cs.xy, item.truth_xy, pi, ti,
-                                  work_dir / "plots" / f"validation_{mic.name}.png", diameter_px=d, title=title))
+        item = prepared[mic.id][0]
+        paths.append(matches_picture(item.image, cs.xy, item.truth_xy, diam_w[mic.id], cfg.centres.match_radius,
+                                     work_dir / "plots" / f"validation_{mic.name}.png",
+                                     f"{mic.name} (validation): {len(cs.xy)} picks, {len(item.truth_xy)} of yours"))
     return paths
 
 

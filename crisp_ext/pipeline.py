@@ -557,8 +557,9 @@ def pick(
     by_mic: dict[str, Particles] = {}
     counts: dict[str, int] = {}
     plots: list[Path] = list(picker.plots)
-    overlays = 0
-    loader = MicrographLoader(cfg)
+    # the first three micrographs, drawn once picking is over: drawing (and, for a Dask worker's micrograph,
+    # reading it again here) in the loop held up one process's network, and took a core from busy Dask workers
+    overlays: list[tuple[Micrograph, WorkingImage | None, Particles]] = []
 
     def map_file(mic: Micrograph) -> Path:
         return Path(map_path(mic)) if map_path else work_dir / "maps" / f"{mic.name}_probability.mrc"
@@ -567,11 +568,9 @@ def pick(
     spans: list[tuple[str, int, float, float]] = []  # Dask, per chunk: worker, micrographs, first and last picked
 
     def done(i: int, mic: Micrograph, picks: Particles, wi: WorkingImage | None, where: str = "") -> None:
-        nonlocal overlays
         arrivals.append(time.perf_counter())
-        if overlays < 3:
-            plots.append(_overlay(work_dir, mic, wi or loader(mic), picks, micrograph_diameter(mic, cfg)))
-            overlays += 1
+        if len(overlays) < 3:
+            overlays.append((mic, wi, picks))
         if on_picked:
             on_picked(mic, picks)
         by_mic[mic.id] = picks
@@ -596,6 +595,10 @@ def pick(
             done(k, mic, picks, wi)
     timings["pick"] = time.perf_counter() - t0
     timings.update(steady_state(arrivals, spans))
+    t1, loader = time.perf_counter(), MicrographLoader(cfg)
+    plots += [_overlay(work_dir, mic, wi or loader(mic), picks, micrograph_diameter(mic, cfg))
+              for mic, wi, picks in overlays]
+    timings["pictures"] = time.perf_counter() - t1
     # in the micrographs' order, whichever worker finished first
     done_picks = [by_mic[m.id] for m in todo if m.id in by_mic]
     picks = Particles.concat(done_picks) if done_picks else Particles.empty(with_score=True)

@@ -43,9 +43,26 @@ DASK_SETTINGS = {"distributed.worker.profile.enabled": False, "distributed.admin
                  "distributed.admin.system-monitor.interval": "5s", "distributed.worker.memory.monitor-interval": "1s"}
 
 
+def worker_settings() -> dict[str, Any]:
+    """:data:`DASK_SETTINGS` and the environment nannies give the worker processes they start: Dask's own
+    (``distributed.nanny.pre-spawn-environ``, which sets ``MALLOC_TRIM_THRESHOLD_=65536``) with crisp-ext's glibc
+    heap settings (:mod:`crisp_ext.allocator`) instead, except those the user set in this environment."""
+    import dask
+    import distributed  # noqa: F401 - its defaults join Dask's configuration on import
+
+    from .allocator import glibc_environment
+
+    environ = dict(dask.config.get("distributed.nanny.pre-spawn-environ", default={}) or {})
+    environ.update({k: v for k, v in glibc_environment().items() if k not in os.environ})
+    return {**DASK_SETTINGS, "distributed.nanny.pre-spawn-environ": environ}
+
+
 def dask_env_exports(settings: dict[str, Any]) -> list[str]:
-    """``export DASK_...=value`` lines that give a worker started from a job script these Dask settings."""
-    return [f"export DASK_{key.upper().replace('.', '__').replace('-', '_')}={value}"
+    """``export DASK_...=value`` lines that give a worker started from a job script these Dask settings (Dask reads
+    a value such as a dictionary as a Python literal)."""
+    import shlex
+
+    return [f"export DASK_{key.upper().replace('.', '__').replace('-', '_')}={shlex.quote(str(value))}"
             for key, value in settings.items()]
 
 
@@ -116,7 +133,7 @@ def open_client(placement: Placement, threads: int, progress=None) -> Iterator[A
     say = progress or (lambda message: None)
     cluster = None
     # read by the scheduler, nannies and workers as they start; an existing scheduler's workers keep their own
-    with dask.config.set(DASK_SETTINGS if placement.kind != "scheduler" else {}):
+    with dask.config.set(worker_settings() if placement.kind != "scheduler" else {}):
         try:
             if placement.kind == "scheduler":
                 address = placement.address
@@ -186,7 +203,7 @@ def _jobqueue_cluster(placement: Placement, threads: int):
         kwargs["memory"] = "4GiB"
     kwargs.update(placement.options)
     kwargs.setdefault("job_script_prologue", []).extend([f"export OMP_NUM_THREADS={threads}",
-                                                          *dask_env_exports(DASK_SETTINGS)])
+                                                          *dask_env_exports(worker_settings())])
     try:
         return cls(**kwargs)
     except (TypeError, ValueError) as exc:

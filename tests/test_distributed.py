@@ -72,24 +72,30 @@ def test_the_clusters_crisp_ext_starts_run_their_workers_without_the_dashboard_p
     import dask
     import distributed  # noqa: F401 - its defaults join Dask's configuration on import
 
-    from crisp_ext.distributed import DASK_SETTINGS, Placement, dask_env_exports, open_client
+    from crisp_ext.allocator import glibc_environment
+    from crisp_ext.distributed import DASK_SETTINGS, Placement, dask_env_exports, open_client, worker_settings
 
-    keys = list(DASK_SETTINGS)
+    settings = worker_settings()
+    keys = list(settings)
     before = {k: dask.config.get(k) for k in keys}
-    assert before != DASK_SETTINGS  # Dask's own defaults profile and poll more often
+    assert before != settings  # Dask's own defaults profile and poll more often, and set glibc's trim threshold low
+    assert set(DASK_SETTINGS) < set(settings)
     with open_client(Placement("local", 1), threads=1) as client:
         seen = client.run(lambda: {k: __import__("dask").config.get(k) for k in keys})
-    assert list(seen.values()) == [DASK_SETTINGS]
+        environ = client.run(lambda: {k: __import__("os").environ.get(k) for k in glibc_environment()})
+    assert list(seen.values()) == [settings]
+    # the worker process had glibc's heap settings in its environment from its start
+    assert list(environ.values()) == [{k: str(v) for k, v in glibc_environment().items()}]
     assert {k: dask.config.get(k) for k in keys} == before  # this process's settings are given back
     # a batch job's worker gets them from its job script, before it starts
     probe = tmp_path / "probe.py"
     probe.write_text("import dask, distributed, json\n"
                      f"print(json.dumps({{k: dask.config.get(k) for k in {keys!r}}}))\n")
     script = tmp_path / "job.sh"
-    script.write_text("\n".join([*dask_env_exports(DASK_SETTINGS), f'"{sys.executable}" "{probe}"']) + "\n")
+    script.write_text("\n".join([*dask_env_exports(settings), f'"{sys.executable}" "{probe}"']) + "\n")
     env = {k: v for k, v in os.environ.items() if not k.startswith("DASK_")}
     out = subprocess.run(["bash", str(script)], capture_output=True, text=True, env=env, check=True).stdout
-    assert json.loads(out) == DASK_SETTINGS
+    assert json.loads(out) == settings
 
 
 def test_two_local_workers_give_the_single_process_picks(project, trained, single, tmp_path):

@@ -48,9 +48,10 @@ def worker_settings() -> dict[str, Any]:
     (``distributed.nanny.pre-spawn-environ``, which sets ``MALLOC_TRIM_THRESHOLD_=65536``) with crisp-ext's glibc
     heap settings (:mod:`crisp_ext.allocator`) instead, except those the user set in this environment."""
     import dask
-    import distributed  # noqa: F401 - its defaults join Dask's configuration on import
 
     from .allocator import glibc_environment
+
+    __import__("distributed")  # its defaults (the nannies' environment among them) join Dask's configuration
 
     environ = dict(dask.config.get("distributed.nanny.pre-spawn-environ", default={}) or {})
     environ.update({k: v for k, v in glibc_environment().items() if k not in os.environ})

@@ -74,6 +74,9 @@ class PreprocessConfig:
     binning: str = "fourier"  # fourier | mean (integer area average)
     normalise: str = "robust"  # robust | gmm | none
     highpass_A: float | None = None  # optional: remove gradients longer than this (Å); None = off
+    # Remove brightness changes longer than this many particle diameters (a high-pass at the working scale, also
+    # where the pixel size is unknown): ice gradients, the darker side of a carbon edge. 0 = off.
+    flatten: float = 0.0
     pixel_size: float | None = None  # override the MRC header's pixel size (Å/px)
 
 
@@ -419,7 +422,7 @@ SCHEMA: dict[str, dict[str, Rule]] = {
                  "diameter_px": _positive("the particle diameter in pixels")},
     "preprocess": {"target_diameter_px": _at_least(8, 512, "the working scale's particle diameter"),
                    "binning": Rule(choices=("fourier", "mean")), "normalise": Rule(choices=("robust", "gmm", "none")),
-                   "highpass_A": _positive(), "pixel_size": _positive("Å per pixel")},
+                   "highpass_A": _positive(), "flatten": _at_least(0, 100), "pixel_size": _positive("Å per pixel")},
     "labels": {"kind": Rule(choices=("auto", "disk", "reprojection")), "disk_fraction": Rule(low=0, high=2,
                open_low=True), "ignore_band": _at_least(0, 2), "background_weight": _at_least(0, 1),
                "ignore_far": _at_least(0), "centre_weight": _at_least(0), "centre_sigma": Rule(low=0, high=1,

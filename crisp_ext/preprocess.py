@@ -190,17 +190,23 @@ def _dominant_gaussian(z: np.ndarray, iterations: int = 100) -> tuple[float, flo
 
 
 def highpass(image: np.ndarray, cutoff_px: float) -> np.ndarray:
-    """Remove structure larger than ``cutoff_px`` (Gaussian high-pass in Fourier space)."""
+    """Remove structure larger than ``cutoff_px`` (a Gaussian high-pass in Fourier space: the image minus its blur
+    with a Gaussian of sigma ``cutoff_px / 2``), the image mirrored at its borders first so that one side's
+    brightness does not wrap round onto the other."""
     import scipy.fft as sfft
 
     ny, nx = image.shape
-    fy = sfft.fftfreq(ny)[:, None]
-    fx = sfft.rfftfreq(nx)[None, :]
+    py, px = (min(int(np.ceil(2 * cutoff_px)), n - 1) for n in (ny, nx))
+    my, mx = (sfft.next_fast_len(n + 2 * p, real=True) for n, p in ((ny, py), (nx, px)))
+    # mirrored by twice the cutoff (four sigma) on each side, then on to a size the FFT is fast at
+    padded = np.pad(image.astype(np.float32, copy=False), ((py, my - ny - py), (px, mx - nx - px)), mode="reflect")
+    fy = sfft.fftfreq(my).astype(np.float32)[:, None]
+    fx = sfft.rfftfreq(mx).astype(np.float32)[None, :]
     sigma_f = 1.0 / (2 * np.pi * (cutoff_px / 2.0))
-    g = np.exp(-(fx ** 2 + fy ** 2) / (2 * sigma_f ** 2))
-    spec = sfft.rfft2(image, workers=-1)
-    spec *= (1.0 - g)
-    return sfft.irfft2(spec, s=(ny, nx), workers=-1).astype(np.float32)
+    keep = -np.expm1(-(fx ** 2 + fy ** 2) / np.float32(2 * sigma_f ** 2))  # 1 - Gaussian
+    spec = sfft.rfft2(padded, workers=-1)
+    spec *= keep
+    return sfft.irfft2(spec, s=(my, mx), workers=-1)[py:py + ny, px:px + nx].astype(np.float32)
 
 
 @dataclass
@@ -222,6 +228,8 @@ def to_working(image: np.ndarray, diameter_px: float, cfg: PreprocessConfig,
     work = resample(image, scale)
     if cfg.highpass_A and pixel_size:
         work = highpass(work, cfg.highpass_A / (pixel_size / scale.factor))
+    if cfg.flatten:
+        work = highpass(work, scale.length_to_working(cfg.flatten * diameter_px))
     return WorkingImage(normalise(work, cfg.normalise), scale, pixel_size)
 
 

@@ -68,3 +68,63 @@ def test_to_working_and_diameter_errors():
         diameter_in_pixels(180.0, None, None)
     with pytest.raises(InputError, match="no particle diameter"):
         diameter_in_pixels(None, None, 2.0)
+
+
+def _film_edge_scene(seed=0):
+    """A 1024² micrograph of 48-px particles (dark Gaussian blobs) on noise, its left quarter darker (a carbon
+    film's side) and a gentle ramp across the rest (an ice gradient)."""
+    rng = np.random.default_rng(seed)
+    ny = nx = 1024
+    yy, xx = np.mgrid[:ny, :nx].astype(np.float32)
+    img = rng.normal(0.0, 1.0, (ny, nx)).astype(np.float32)
+    img += np.where(xx < 256, -3.0, 0.0).astype(np.float32) + (xx / nx * 2.0).astype(np.float32)
+    centres = [(x, y) for x in (96, 160, 600, 800) for y in (200, 500, 800)]
+    for x, y in centres:
+        img -= 4.0 * np.exp(-((xx - x) ** 2 + (yy - y) ** 2) / (2 * 12.0 ** 2))
+    return img, centres
+
+
+def test_flatten_evens_out_film_edges_and_gradients_and_keeps_the_particles():
+    img, centres = _film_edge_scene()
+    plain = to_working(img, 48.0, PreprocessConfig())
+    flat = to_working(img, 48.0, PreprocessConfig(flatten=4.0))
+    assert flat.scale == plain.scale and flat.image.dtype == np.float32
+    d = plain.scale.length_to_working(48.0)
+
+    def background(w, x0, x1):  # away from the particles and the edge
+        x0, x1 = (int(plain.scale.to_working([[x, 0]])[0, 0]) for x in (x0, x1))
+        return float(np.median(w.image[:, x0:x1]))
+
+    def contrast(w, x, y):  # the particle's depth below the ring around it
+        cx, cy = plain.scale.to_working([[x, y]])[0]
+        yy, xx = np.mgrid[: w.image.shape[0], : w.image.shape[1]]
+        r = np.hypot(xx - cx, yy - cy)
+        return float(np.median(w.image[(r > d) & (r < 1.5 * d)]) - w.image[r < d / 4].mean())
+
+    # carbon side (x < 256, particles at 96 and 160 left out) against the ice far from it, before and after
+    step_plain = background(plain, 400, 520) - background(plain, 20, 60)
+    step_flat = background(flat, 400, 520) - background(flat, 20, 60)
+    assert step_plain > 1.0 and abs(step_flat) < 0.25 * step_plain
+    ramp_plain = background(plain, 900, 1000) - background(plain, 400, 520)
+    ramp_flat = background(flat, 900, 1000) - background(flat, 400, 520)
+    assert abs(ramp_flat) < 0.25 * abs(ramp_plain)
+    # each particle keeps its contrast against its surroundings (relative to the noise of an empty patch of ice)
+    def noise(w):
+        x0, x1 = (int(plain.scale.to_working([[x, 0]])[0, 0]) for x in (400, 520))
+        return float(w.image[:, x0:x1].std())
+
+    for x, y in centres:
+        before = contrast(plain, x, y) / noise(plain)
+        after = contrast(flat, x, y) / noise(flat)
+        assert after == pytest.approx(before, rel=0.1), (x, y)
+
+
+def test_highpass_does_not_wrap_one_border_onto_the_other():
+    from crisp_ext.preprocess import highpass
+
+    img = np.zeros((256, 256), np.float32)
+    img[:, 192:] = 10.0  # bright on the right only
+    out = highpass(img, 32.0)
+    # the left border is far (> 5 cutoffs) from the step: flat after the filter, as a mirrored image sees it
+    assert np.abs(out[:, :16] - out[:, :16].mean()).max() < 1e-3
+    assert np.abs(out[:, :16]).max() < 0.05

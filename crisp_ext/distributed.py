@@ -134,7 +134,7 @@ def open_client(placement: Placement, threads: int, progress=None) -> Iterator[A
     say = progress or (lambda message: None)
     cluster = None
     # read by the scheduler, nannies and workers as they start; an existing scheduler's workers keep their own
-    with dask.config.set(worker_settings() if placement.kind != "scheduler" else {}):
+    with _environment_given_back(), dask.config.set(worker_settings() if placement.kind != "scheduler" else {}):
         try:
             if placement.kind == "scheduler":
                 address = placement.address
@@ -168,6 +168,22 @@ def open_client(placement: Placement, threads: int, progress=None) -> Iterator[A
             if cluster is not None:
                 with contextlib.suppress(Exception):
                     cluster.close()
+
+
+@contextlib.contextmanager
+def _environment_given_back() -> Iterator[None]:
+    """This process's environment as it was, afterwards: a nanny in this process copies the environment it gives
+    its worker (``distributed.nanny.pre-spawn-environ``) into ``os.environ`` for good, where it would pass to any
+    process started from here later, and would read as the user's own setting at the next cluster."""
+    before = dict(os.environ)
+    try:
+        yield
+    finally:
+        for key in [k for k in os.environ if k not in before]:
+            del os.environ[key]
+        for key, value in before.items():
+            if os.environ.get(key) != value:
+                os.environ[key] = value
 
 
 def _local_cluster(n: int, threads: int, say):

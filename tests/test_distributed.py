@@ -80,13 +80,16 @@ def test_the_clusters_crisp_ext_starts_run_their_workers_without_the_dashboard_p
     before = {k: dask.config.get(k) for k in keys}
     assert before != settings  # Dask's own defaults profile and poll more often, and set glibc's trim threshold low
     assert set(DASK_SETTINGS) < set(settings)
-    with open_client(Placement("local", 1), threads=1) as client:
-        seen = client.run(lambda: {k: __import__("dask").config.get(k) for k in keys})
-        environ = client.run(lambda: {k: __import__("os").environ.get(k) for k in glibc_environment()})
-    assert list(seen.values()) == [settings]
-    # the worker process had glibc's heap settings in its environment from its start
-    assert list(environ.values()) == [{k: str(v) for k, v in glibc_environment().items()}]
-    assert {k: dask.config.get(k) for k in keys} == before  # this process's settings are given back
+    environment = dict(os.environ)
+    for _ in range(2):  # and again: the first cluster leaves nothing behind that the second would take as the user's
+        with open_client(Placement("local", 1), threads=1) as client:
+            seen = client.run(lambda: {k: __import__("dask").config.get(k) for k in keys})
+            environ = client.run(lambda: {k: __import__("os").environ.get(k) for k in glibc_environment()})
+        assert list(seen.values()) == [settings]
+        # the worker process had glibc's heap settings in its environment from its start
+        assert list(environ.values()) == [{k: str(v) for k, v in glibc_environment().items()}]
+        assert {k: dask.config.get(k) for k in keys} == before  # this process's settings are given back
+        assert dict(os.environ) == environment  # and its environment (Dask's nanny writes into it)
     # a batch job's worker gets them from its job script, before it starts
     probe = tmp_path / "probe.py"
     probe.write_text("import dask, distributed, json\n"

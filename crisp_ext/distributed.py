@@ -43,10 +43,11 @@ DASK_SETTINGS = {"distributed.worker.profile.enabled": False, "distributed.admin
                  "distributed.admin.system-monitor.interval": "5s", "distributed.worker.memory.monitor-interval": "1s"}
 
 
-def worker_settings() -> dict[str, Any]:
+def worker_settings(threads: int = 1) -> dict[str, Any]:
     """:data:`DASK_SETTINGS` and the environment nannies give the worker processes they start: Dask's own
-    (``distributed.nanny.pre-spawn-environ``, which sets ``MALLOC_TRIM_THRESHOLD_=65536``) with crisp-ext's glibc
-    heap settings (:mod:`crisp_ext.allocator`) instead, except those the user set in this environment."""
+    (``distributed.nanny.pre-spawn-environ``, which sets ``MALLOC_TRIM_THRESHOLD_=65536`` and one OpenMP/BLAS thread)
+    with crisp-ext's glibc heap settings (:mod:`crisp_ext.allocator`) instead, except those the user set in this
+    environment, and ``threads`` OpenMP/BLAS threads per worker."""
     import dask
 
     from .allocator import glibc_environment
@@ -55,6 +56,7 @@ def worker_settings() -> dict[str, Any]:
 
     environ = dict(dask.config.get("distributed.nanny.pre-spawn-environ", default={}) or {})
     environ.update({k: v for k, v in glibc_environment().items() if k not in os.environ})
+    environ.update({k: int(threads) for k in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS")})
     return {**DASK_SETTINGS, "distributed.nanny.pre-spawn-environ": environ}
 
 
@@ -134,7 +136,7 @@ def open_client(placement: Placement, threads: int, progress=None) -> Iterator[A
     say = progress or (lambda message: None)
     cluster = None
     # read by the scheduler, nannies and workers as they start; an existing scheduler's workers keep their own
-    with _environment_given_back(), dask.config.set(worker_settings() if placement.kind != "scheduler" else {}):
+    with _environment_given_back(), dask.config.set(worker_settings(threads) if placement.kind != "scheduler" else {}):
         try:
             if placement.kind == "scheduler":
                 address = placement.address
@@ -220,7 +222,7 @@ def _jobqueue_cluster(placement: Placement, threads: int):
         kwargs["memory"] = "4GiB"
     kwargs.update(placement.options)
     kwargs.setdefault("job_script_prologue", []).extend([f"export OMP_NUM_THREADS={threads}",
-                                                          *dask_env_exports(worker_settings())])
+                                                          *dask_env_exports(worker_settings(threads))])
     try:
         return cls(**kwargs)
     except (TypeError, ValueError) as exc:

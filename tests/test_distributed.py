@@ -75,7 +75,9 @@ def test_the_clusters_crisp_ext_starts_run_their_workers_without_the_dashboard_p
     from crisp_ext.allocator import glibc_environment
     from crisp_ext.distributed import DASK_SETTINGS, Placement, dask_env_exports, open_client, worker_settings
 
-    settings = worker_settings()
+    settings = worker_settings(1)
+    # a batch job's script says its torch threads (export OMP_NUM_THREADS=...); Dask's nanny would set 1 after it
+    assert worker_settings(3)["distributed.nanny.pre-spawn-environ"]["OMP_NUM_THREADS"] == 3
     keys = list(settings)
     before = {k: dask.config.get(k) for k in keys}
     assert before != settings  # Dask's own defaults profile and poll more often, and set glibc's trim threshold low

@@ -191,20 +191,19 @@ def _environment_given_back() -> Iterator[None]:
 def _local_cluster(n: int, threads: int, say):
     from distributed import LocalCluster, Nanny, SpecCluster
 
+    # each worker's OpenMP/BLAS threads come with the nannies' environment (worker_settings, set by open_client)
     gpus = available_gpus()
-    env = {"OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads)}
     if gpus:  # one worker per GPU, each pinned to its own device
         n = min(n, gpus)
         say(f"{n} local Dask worker(s), one per GPU")
         from distributed import Scheduler
 
         workers = {f"gpu{i}": {"cls": Nanny, "options": {"nthreads": 1, "name": f"gpu{i}",
-                                                          "env": {**env, "CUDA_VISIBLE_DEVICES": str(i)}}}
+                                                          "env": {"CUDA_VISIBLE_DEVICES": str(i)}}}
                    for i in range(n)}
         return SpecCluster(workers=workers, scheduler={"cls": Scheduler, "options": {"dashboard_address": None}})
     say(f"{n} local Dask worker process(es), {threads} torch thread(s) each")
-    return LocalCluster(n_workers=n, threads_per_worker=1, processes=True, dashboard_address=None,
-                        env=env, silence_logs=40)
+    return LocalCluster(n_workers=n, threads_per_worker=1, processes=True, dashboard_address=None, silence_logs=40)
 
 
 def _jobqueue_cluster(placement: Placement, threads: int):

@@ -75,7 +75,7 @@ def test_the_clusters_crisp_ext_starts_run_their_workers_without_the_dashboard_p
     from crisp_ext.allocator import glibc_environment
     from crisp_ext.distributed import DASK_SETTINGS, Placement, dask_env_exports, open_client, worker_settings
 
-    settings = worker_settings(1)
+    settings = worker_settings(2)
     # a batch job's script says its torch threads (export OMP_NUM_THREADS=...); Dask's nanny would set 1 after it
     assert worker_settings(3)["distributed.nanny.pre-spawn-environ"]["OMP_NUM_THREADS"] == 3
     keys = list(settings)
@@ -84,12 +84,14 @@ def test_the_clusters_crisp_ext_starts_run_their_workers_without_the_dashboard_p
     assert set(DASK_SETTINGS) < set(settings)
     environment = dict(os.environ)
     for _ in range(2):  # and again: the first cluster leaves nothing behind that the second would take as the user's
-        with open_client(Placement("local", 1), threads=1) as client:
+        with open_client(Placement("local", 1), threads=2) as client:
             seen = client.run(lambda: {k: __import__("dask").config.get(k) for k in keys})
-            environ = client.run(lambda: {k: __import__("os").environ.get(k) for k in glibc_environment()})
+            environ = client.run(lambda: {k: __import__("os").environ.get(k)
+                                          for k in [*glibc_environment(), "OMP_NUM_THREADS", "MKL_NUM_THREADS"]})
         assert list(seen.values()) == [settings]
-        # the worker process had glibc's heap settings in its environment from its start
-        assert list(environ.values()) == [{k: str(v) for k, v in glibc_environment().items()}]
+        # the worker process had glibc's heap settings and its thread count in its environment from its start
+        assert list(environ.values()) == [{**{k: str(v) for k, v in glibc_environment().items()},
+                                           "OMP_NUM_THREADS": "2", "MKL_NUM_THREADS": "2"}]
         assert {k: dask.config.get(k) for k in keys} == before  # this process's settings are given back
         assert dict(os.environ) == environment  # and its environment (Dask's nanny writes into it)
     # a batch job's worker gets them from its job script, before it starts

@@ -1,6 +1,6 @@
 """Picking accuracy across kinds of data: every scene trained and picked with the defaults and with each candidate.
 
-    python benchmarks/accuracy.py [--scenes empiar10017,apoferritin,crowded,crowded_noisy,sparse_large]
+    python benchmarks/accuracy.py [--scenes empiar10017,apoferritin,crowded,crowded_noisy,sparse_large,sparse_elongated]
         [--candidates before,default] [--set NAME:KEY=VALUE] [--threads 2] [--out bench_out/accuracy] [--fresh]
         [--val N] [--train-on-val] [--pictures]
 
@@ -11,6 +11,8 @@ Scenes (train / validation / test micrographs):
   micrograph, SNR 0.03, carbon edge on some, ice blobs and an ice gradient; 4 / 2 / 4.
 - ``crowded_noisy``: as ``crowded`` at SNR 0.01, 0.65 D minimum separation, lower defocus (weaker contrast).
 - ``sparse_large``: simulated, 64 px particles, ≈ 90 per 1024² micrograph, SNR 0.02; 4 / 2 / 4.
+- ``sparse_elongated``: simulated, 56 px long asymmetric rods (aspect 2, a knob at one end), ≈ 90 per 1024²
+  micrograph, SNR 0.015, defocus 1.2-1.8 µm; 4 / 2 / 4.
 The simulated scenes train on an incomplete "curated" set (a random 30 % of each training and validation
 micrograph's particles left out, as curation does) and are scored against every particle.
 
@@ -25,7 +27,10 @@ recomputes everything asked for. ``--pictures`` writes ``OUT/<scene>/<candidate>
 each test micrograph of the runs it computes (picks matched to the truth green, unmatched red, truth missed yellow;
 ``crisp-ext evaluate --pictures`` on written picks does the same). The real scenes are read from ../shared/data, or
 from ``$CRISP_BENCH_DATA``.
-Candidate ``paper`` is ``crisp-ext config --paper`` (for a GPU).
+Candidate ``paper`` is ``crisp-ext config --paper`` (for a GPU). Candidate ``topaz`` is Topaz 0.3.20 (resnet8,
+GE-binomial with the training picks' count per micrograph, 4 × 250 updates, the best epoch by its held-out AUPRC on
+the validation micrographs, the threshold by their F1; ``compare_topaz.run_topaz``, in its own venv ``.venv-topaz``
+created on first use) on the same micrographs and picks, scored the same way: its picks above that threshold.
 """
 
 from __future__ import annotations
@@ -171,8 +176,21 @@ def sparse_large(out: Path) -> Scene:
     return _simulated("sparse_large", out, 10, kwargs, seed=23)
 
 
+def sparse_elongated(out: Path) -> Scene:
+    from crisp_ext.simulate import Phantom
+
+    def kwargs(i):
+        # an asymmetric rod twice as long as wide, with a knob at one end: its outline is no disk around the
+        # centre the picks give (the rod's middle), so centring is not the blob's peak
+        return dict(shape=(1024, 1024), n_particles=90, diameter_px=56.0, pixel_size=2.5, snr=0.015,
+                    placement="sparse", min_separation=1.2, carbon_edge=(i % 4 == 1), ice_blobs=i % 2,
+                    defocus_um=1.2 + 0.3 * (i % 3), phantom=Phantom.elongated(aspect=2.0))
+    return _simulated("sparse_elongated", out, 10, kwargs, seed=31)
+
+
 SCENES = {"empiar10017": lambda out: empiar10017(), "apoferritin": lambda out: apoferritin(),
-          "crowded": crowded, "crowded_noisy": crowded_noisy, "sparse_large": sparse_large}
+          "crowded": crowded, "crowded_noisy": crowded_noisy, "sparse_large": sparse_large,
+          "sparse_elongated": sparse_elongated}
 
 
 # -- one run -----------------------------------------------------------------------------------------------------------
@@ -241,6 +259,45 @@ def run_one(scene: Scene, candidate: str, overrides: dict, out: Path, threads: i
     return report
 
 
+def run_topaz_scene(scene: Scene, candidate: str, out: Path, threads: int) -> dict:
+    """Topaz trained and picking on ``scene`` exactly as crisp-ext does (same picks, same split, same scoring)."""
+    from types import SimpleNamespace
+
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    from compare_topaz import Dataset, Split, run_topaz
+
+    work = out / scene.name / candidate
+    ids = [m.id for m in scene.micrographs]
+    # Topaz learns from (and chooses its threshold on) the curated picks, as crisp-ext does; the test set is scored
+    # against every particle below
+    ds = Dataset(root=work, names=ids, truths=scene.curated, diameter_px=scene.diameter_px,
+                 paths={m.id: Path(m.path).resolve() for m in scene.micrographs})
+    opts = SimpleNamespace(topaz_venv=ROOT / ".venv-topaz", threads=threads, topaz_epochs=4, topaz_epoch_size=250)
+    t0 = time.perf_counter()
+    row = run_topaz(ds, Split(scene.train, scene.val, scene.test), opts, work / "topaz_work")
+    wall = time.perf_counter() - t0
+    picks = row.test_picks
+    keep = [s >= row.threshold for s in picks.score]  # the picks it would write, as crisp-ext's are
+    preds = [xy[k] for xy, k in zip(picks.xy, keep)]
+    scores = [sc[k] for sc, k in zip(picks.score, keep)]
+    truths = [scene.truth[m] for m in picks.names]
+    d = scene.diameter_px
+    at_r = picking_metrics(preds, scores, truths, 0.5 * d)
+    at_r2 = picking_metrics(preds, scores, truths, 0.25 * d)
+    every = picking_metrics(picks.xy, picks.score, truths, 0.5 * d)
+    report = {
+        "scene": scene.name, "candidate": candidate, "overrides": {},
+        "P": at_r.precision, "R": at_r.recall, "F1": at_r.f1, "AP": at_r.ap,
+        "P_r2": at_r2.precision, "R_r2": at_r2.recall, "F1_r2": at_r2.f1, "AP_r2": at_r2.ap,
+        "AP_every_pick": every.ap, "centre_error_px": at_r.mean_distance, "n_pred": at_r.n_pred,
+        "n_true": at_r.n_true, "train_s": row.train_s, "pick_s_per_mic": row.pick_s / max(1, len(scene.test)),
+        "wall_s": wall, "finder": "topaz", "finder_params": row.details.get("settings"),
+        "threshold": row.threshold, "validation": {"f1": row.val_f1}, "config": {"topaz": row.details},
+    }
+    (work / "result.json").write_text(json.dumps(report, indent=1, default=float))
+    return report
+
+
 def table(rows: list[dict]) -> str:
     head = ("| scene | candidate | P | R | F1@r | F1@r/2 | AP | centre err px | train s | pick s/mic | finder |\n"
             "|---|---|---|---|---|---|---|---|---|---|---|")
@@ -272,6 +329,7 @@ def main(argv=None) -> int:
                     help="a PNG of the matches for each test micrograph of the runs computed (not of cached ones)")
     args = ap.parse_args(argv)
     candidates = {k: dict(v) for k, v in CANDIDATES.items()}
+    candidates["topaz"] = {}
     for item in args.set:
         name, kv = item.split(":", 1)
         key, value = kv.split("=", 1)
@@ -293,6 +351,14 @@ def main(argv=None) -> int:
             work = args.out / scene.name / run_name
             cached = json.loads((work / "result.json").read_text()) if (work / "result.json").is_file() else None
             why = "--fresh" if args.fresh and work.exists() else None
+            if cand == "topaz":
+                if cached is not None and not args.fresh:
+                    rows.append(cached)
+                    print(table(rows[-1:]).splitlines()[-1] + " (cached)", flush=True)
+                else:
+                    rows.append(run_topaz_scene(scene, run_name, args.out, args.threads))
+                    print(table(rows[-1:]).splitlines()[-1], flush=True)
+                continue
             if cached is not None and not args.fresh:
                 why = stale_because(cached, effective_config(scene, candidates[cand], args.threads))
                 if why is None:

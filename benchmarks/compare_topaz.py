@@ -92,9 +92,17 @@ class Dataset:
     root: Path
     names: list[str]
     truths: dict[str, np.ndarray]  # (M, 2) x = column, y = row, MRC array frame
+    diameter_px: float = DIAMETER_PX  # particle diameter, original px
+    paths: dict[str, Path] | None = None  # micrograph files, when not root/micrographs/<name>.mrc
 
     def mrc(self, name: str) -> Path:
+        if self.paths is not None:
+            return self.paths[name]
         return self.root / "micrographs" / f"{name}.mrc"
+
+    @property
+    def radius_px(self) -> float:
+        return self.diameter_px / 2
 
 
 def load_dataset(root: Path) -> Dataset:
@@ -157,7 +165,7 @@ class PickSet:
 
 def evaluate(picks: PickSet, ds: Dataset, threshold: float) -> dict:
     truths = [ds.truths[n] for n in picks.names]
-    return picking_metrics(picks.xy, picks.score, truths, RADIUS_PX, threshold=threshold).as_dict()
+    return picking_metrics(picks.xy, picks.score, truths, ds.radius_px, threshold=threshold).as_dict()
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -307,13 +315,17 @@ def topaz_version(venv: Path) -> str:
     return out.stdout.strip()
 
 
-def topaz_settings(args, n_per_mic: float) -> dict:
+def topaz_settings(args, n_per_mic: float, diameter_px: float = DIAMETER_PX) -> dict:
+    # EMPIAR-10017's 27 px particle is already at Topaz's working scale; larger particles are binned by the integer
+    # factor that brings them nearest to it (61-64 px by 2), well inside resnet8's receptive field of 71 px.
+    scale = max(1, int(round(diameter_px / DIAMETER_PX)))
     return {
-        "preprocess_scale": 1,  # 7.08 Å/px, 27 px particle: already Topaz's working scale
+        "preprocess_scale": scale,
         "model": "resnet8", "units": 32, "pretrained_init": True, "method": "GE-binomial",
         "train_radius": 3, "num_particles": round(n_per_mic), "minibatch_size": 256,
         "epochs": args.topaz_epochs, "epoch_size": args.topaz_epoch_size,
-        "extract_radius": int(RADIUS_PX), "extract_floor": -10.0, "threads": args.threads,
+        # NMS radius in binned px: one particle radius
+        "extract_radius": int(diameter_px / scale / 2), "extract_floor": -10.0, "threads": args.threads,
     }
 
 
@@ -350,7 +362,7 @@ def _read_topaz_coords(path: Path, names: list[str]) -> PickSet:
 def run_topaz(ds: Dataset, split: Split, args, work: Path) -> Row:
     topaz = ensure_topaz_venv(args.topaz_venv)
     n_per_mic = float(np.mean([len(ds.truths[n]) for n in split.train]))
-    cfg = topaz_settings(args, n_per_mic)
+    cfg = topaz_settings(args, n_per_mic, ds.diameter_px)
     env = thread_env(args.threads)
     j = str(args.threads)
     scale = cfg["preprocess_scale"]
@@ -403,7 +415,7 @@ def run_topaz(ds: Dataset, split: Split, args, work: Path) -> Row:
     print(f"[topaz] epoch {epoch} chosen (validation pixel AUPRC {val_auprc:.3f}); choosing the threshold on the "
           "validation micrographs", flush=True)
     val = extract("val", pre_val, model)
-    threshold = choose_threshold(val.xy, val.score, [ds.truths[n] for n in val.names], RADIUS_PX)
+    threshold = choose_threshold(val.xy, val.score, [ds.truths[n] for n in val.names], ds.radius_px)
     val_f1 = evaluate(val, ds, threshold)["f1"]
 
     print(f"[topaz] picking {len(split.test)} test micrographs", flush=True)

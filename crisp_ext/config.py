@@ -175,6 +175,10 @@ class TrainConfig:
     # micrographs have no carbon, 0.891/0.881/0.880 -> 0.895/0.886/0.873, recall on its carbon micrographs
     # unchanged (0.863 -> 0.867, 0.876 -> 0.883); noisy crowded simulation 0.860/0.797/0.848 -> 0.855/0.791/0.842.
     edge_augment: float = 0.0
+    # Magnification augmentation: each training patch is resampled by a factor exp(U(-s, s)), image and labels
+    # alike, so that the network sees particles up to that much larger or smaller than the working diameter (a
+    # diameter given a little off, views of different size). 0 = off.
+    scale_augment: float = 0.0
     # Rounds of self-training (crisp_ext.pseudo_labels): confident picks on the training micrographs and on as
     # many unpicked ones become extra positives, then epochs // 3 epochs of fine-tuning per round. One round
     # (benchmarks/accuracy.py, test F1 at r / r/2, AP; off -> on): EMPIAR-10017 0.880/0.870/0.846 ->
@@ -438,7 +442,7 @@ SCHEMA: dict[str, dict[str, Rule]] = {
               "n_train": _at_least(1), "n_val": _at_least(0), "device": Rule(check=_device),
               "threads": _at_least(1, hint="CPU threads; leave unset for all cores"),
               "monitor": Rule(choices=("iou", "f1", "dice", "ap")), "val_every": _at_least(1), "jitter": _at_least(0),
-              "edge_augment": _at_least(0, 1),
+              "edge_augment": _at_least(0, 1), "scale_augment": _at_least(0, 0.7),
               "self_training": _at_least(0, 3)},
     "crf": {"kind": Rule(choices=("none", "standard", "cd")), "solver": Rule(choices=("mf", "fw")),
             "iterations": _at_least(1), "theta_alpha": _positive(), "theta_beta": _positive(),

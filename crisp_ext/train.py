@@ -139,11 +139,13 @@ def film_edge(size: int, rng: np.random.Generator) -> np.ndarray:
 class _PatchSampler:
     """Random (augmented) patches; images smaller than a patch are padded with ignored pixels."""
 
-    def __init__(self, items: list[LabeledImage], patch: int, augment: bool, jitter: float, edges: float = 0.0):
+    def __init__(self, items: list[LabeledImage], patch: int, augment: bool, jitter: float, edges: float = 0.0,
+                 scale: float = 0.0):
         self.patch = patch
         self.augment = augment
         self.jitter = float(jitter)
         self.edges = float(edges)
+        self.scale = float(scale)
         self.stacks = []
         for it in items:
             img = it.image.astype(np.float32, copy=False)
@@ -156,6 +158,24 @@ class _PatchSampler:
         if len({s.shape[0] for s in self.stacks}) > 1:
             raise InputError("training micrographs differ in their label channels (centre target on some only)")
 
+    def _rescaled(self, stack: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+        """A patch of image and labels magnified by exp(U(-scale, scale)): a crop of p / factor px resampled
+        (bilinear) to p, so particles appear that much larger or smaller than the working diameter."""
+        from scipy import ndimage
+
+        p = self.patch
+        h, w = stack.shape[1:]
+        factor = float(np.exp(rng.uniform(-self.scale, self.scale)))
+        src = int(min(h, w, max(8, round(p / factor))))
+        r = int(rng.integers(0, h - src + 1))
+        c = int(rng.integers(0, w - src + 1))
+        crop = stack[:, r:r + src, c:c + src]
+        if src == p:
+            return crop
+        zoom = p / src
+        planes = [ndimage.zoom(plane, zoom, order=1, mode="nearest", grid_mode=True) for plane in crop]
+        return np.stack([a[:p, :p] for a in planes])
+
     def epoch(self, rng: np.random.Generator, per_image: int) -> np.ndarray:
         """``(N, 2 + C, P, P)`` patches (image, weight, C targets) in shuffled order."""
         p = self.patch
@@ -163,9 +183,12 @@ class _PatchSampler:
         for stack in self.stacks:
             h, w = stack.shape[1:]
             for _ in range(per_image):
-                r = int(rng.integers(0, h - p + 1))
-                c = int(rng.integers(0, w - p + 1))
-                patch = stack[:, r:r + p, c:c + p]
+                if self.augment and self.scale > 0:
+                    patch = self._rescaled(stack, rng)
+                else:
+                    r = int(rng.integers(0, h - p + 1))
+                    c = int(rng.integers(0, w - p + 1))
+                    patch = stack[:, r:r + p, c:c + p]
                 if self.augment:
                     patch = np.rot90(patch, int(rng.integers(4)), axes=(1, 2))
                     if rng.random() < 0.5:
@@ -350,7 +373,7 @@ def train_model(train: list[LabeledImage], val: list[LabeledImage], cfg: PickerC
     multiple = size_multiple(model)
     patch = int(np.ceil(tcfg.patch_size / multiple) * multiple)
     sampler = _PatchSampler(train, patch, bool(tcfg.augment), tcfg.jitter if tcfg.augment else 0.0,
-                            tcfg.edge_augment)
+                            tcfg.edge_augment, tcfg.scale_augment)
     per_image = max(int(tcfg.patches_per_micrograph), -(-int(tcfg.min_patches_per_epoch) // len(train)))
     n_patches = len(train) * per_image
     steps = int(np.ceil(n_patches / tcfg.batch_size))

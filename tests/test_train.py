@@ -247,3 +247,34 @@ def test_film_edge_augmentation_adds_a_step_to_the_image_and_keeps_the_labels(da
     np.testing.assert_array_equal(a[1:], b[1:])
     diff = b[0] - a[0]
     assert np.abs(diff).max() > 0.05 and np.percentile(diff, 95) - np.percentile(diff, 5) > 0.05
+
+
+def test_scale_augmentation_magnifies_image_and_labels_together():
+    from crisp_ext.labels import Labels
+    from crisp_ext.train import LabeledImage, _PatchSampler
+
+    # one disk of diameter 20 px whose image is its own label: any misalignment between image and labels shows
+    size, diameter = 160, 20.0
+    yy, xx = np.mgrid[:size, :size]
+    disk = ((xx - 80.0) ** 2 + (yy - 80.0) ** 2 <= (diameter / 2) ** 2).astype(np.float32)
+    item = LabeledImage(disk.copy(), Labels(disk.copy(), np.ones_like(disk), disk.copy()), "one")
+    plain = _PatchSampler([item], 64, augment=True, jitter=0.0)
+    scaled = _PatchSampler([item], 64, augment=True, jitter=0.0, scale=0.4)
+    rng = np.random.default_rng(3)
+    areas = {"plain": [], "scaled": []}
+    for name, sampler in (("plain", plain), ("scaled", scaled)):
+        for _ in range(200):
+            (patch,) = sampler.epoch(rng, 1)
+            assert patch.shape == (4, 64, 64)
+            np.testing.assert_allclose(patch[0], patch[2], atol=1e-6)  # image and segmentation target aligned
+            np.testing.assert_allclose(patch[0], patch[3], atol=1e-6)  # ... and the centre target
+            inside = patch[2] > 0.5
+            # whole disks only (not cut by the patch border)
+            if inside.any() and not (inside[0].any() or inside[-1].any() or inside[:, 0].any() or inside[:, -1].any()):
+                areas[name].append(inside.sum())
+    plain_d = 2 * np.sqrt(np.array(areas["plain"]) / np.pi)
+    scaled_d = 2 * np.sqrt(np.array(areas["scaled"]) / np.pi)
+    assert np.ptp(plain_d) < 1.0  # the plain sampler keeps the particle's size
+    # magnified and shrunk by up to exp(±0.4) = 1.49 / 0.67: diameters from ~13 to ~30 px
+    assert scaled_d.min() < 0.8 * diameter and scaled_d.max() > 1.25 * diameter
+    assert scaled_d.min() > 0.6 * diameter and scaled_d.max() < 1.6 * diameter

@@ -77,7 +77,8 @@ class PreprocessConfig:
     # Remove brightness changes longer than this many particle diameters (a high-pass at the working scale, also
     # where the pixel size is unknown): ice gradients, the darker side of a carbon edge. 0 = off. 4 (seed 0; F1 at
     # r / r/2): EMPIAR-10017 0.891/0.881 -> 0.895/0.885 (seed 1 0.894/0.886 -> 0.894/0.885), recall on its carbon
-    # micrographs 0.86/0.88 -> 0.88/0.91; noisy crowded simulation 0.860/0.797 -> 0.851/0.793; others within 0.01.
+    # micrographs 0.86/0.88 -> 0.88/0.91; noisy crowded simulation 0.842/0.783 -> 0.851/0.793 (seed 1 level);
+    # crowded 0.966/0.961 -> 0.961/0.955; sparse elongated rods 0.954/0.920 -> 0.936/0.898, hence off.
     flatten: float = 0.0
     pixel_size: float | None = None  # override the MRC header's pixel size (Å/px)
 
@@ -177,7 +178,10 @@ class TrainConfig:
     edge_augment: float = 0.0
     # Magnification augmentation: each training patch is resampled by a factor exp(U(-s, s)), image and labels
     # alike, so that the network sees particles up to that much larger or smaller than the working diameter (a
-    # diameter given a little off, views of different size). 0 = off.
+    # diameter given a little off, views of different size). 0 = off. 0.2 (benchmarks/accuracy.py, seed 0, test F1
+    # at r / r/2, AP; off -> on): EMPIAR-10017 0.891/0.881/0.880 -> 0.891/0.879/0.896, noisy crowded simulation
+    # 0.842/0.783/0.777 -> 0.843/0.782/0.803: ranking only, one seed. The defaults pick as well with a diameter 20 %
+    # off.
     scale_augment: float = 0.0
     # Rounds of self-training (crisp_ext.pseudo_labels): confident picks on the training micrographs and on as
     # many unpicked ones become extra positives, then epochs // 3 epochs of fine-tuning per round. One round

@@ -219,6 +219,16 @@ def stale_because(cached: dict, cfg: PickerConfig) -> str | None:
     return None if not diff else "its config differs: " + "; ".join(diff[:4]) + (" ..." if len(diff) > 4 else "")
 
 
+def scored(preds: list, scores: list, truths: list, diameter: float) -> dict:
+    """The table's figures of one picker's test picks: P / R / F1 / AP one-to-one within r = D/2 and r/2, the mean
+    distance of the matches at r (original px)."""
+    at_r = picking_metrics(preds, scores, truths, 0.5 * diameter)
+    at_r2 = picking_metrics(preds, scores, truths, 0.25 * diameter)
+    return {"P": at_r.precision, "R": at_r.recall, "F1": at_r.f1, "AP": at_r.ap,
+            "P_r2": at_r2.precision, "R_r2": at_r2.recall, "F1_r2": at_r2.f1, "AP_r2": at_r2.ap,
+            "centre_error_px": at_r.mean_distance, "n_pred": at_r.n_pred, "n_true": at_r.n_true}
+
+
 def run_one(scene: Scene, candidate: str, overrides: dict, out: Path, threads: int, pictures: bool = False) -> dict:
     from crisp_ext.evaluation import picture_matches
     from crisp_ext.pipeline import run
@@ -241,13 +251,8 @@ def run_one(scene: Scene, candidate: str, overrides: dict, out: Path, threads: i
         mics = {m.id: m for m in scene.micrographs}
         for m, xy, t in zip(scene.test, preds, truths):
             picture_matches(mics[m], xy, t, d, 0.5, None, work / "pictures")
-    at_r = picking_metrics(preds, scores, truths, 0.5 * d)
-    at_r2 = picking_metrics(preds, scores, truths, 0.25 * d)
     report = {
-        "scene": scene.name, "candidate": candidate, "overrides": overrides,
-        "P": at_r.precision, "R": at_r.recall, "F1": at_r.f1, "AP": at_r.ap,
-        "P_r2": at_r2.precision, "R_r2": at_r2.recall, "F1_r2": at_r2.f1, "AP_r2": at_r2.ap,
-        "centre_error_px": at_r.mean_distance, "n_pred": at_r.n_pred, "n_true": at_r.n_true,
+        "scene": scene.name, "candidate": candidate, "overrides": overrides, **scored(preds, scores, truths, d),
         "train_s": result.timings.get("prepare", 0) + result.timings.get("train", 0)
         + result.timings.get("select", 0),
         "pick_s_per_mic": result.timings.get("pick", 0.0) / max(1, len(scene.test)),
@@ -282,15 +287,10 @@ def run_topaz_scene(scene: Scene, candidate: str, out: Path, threads: int) -> di
     scores = [sc[k] for sc, k in zip(picks.score, keep)]
     truths = [scene.truth[m] for m in picks.names]
     d = scene.diameter_px
-    at_r = picking_metrics(preds, scores, truths, 0.5 * d)
-    at_r2 = picking_metrics(preds, scores, truths, 0.25 * d)
-    every = picking_metrics(picks.xy, picks.score, truths, 0.5 * d)
     report = {
-        "scene": scene.name, "candidate": candidate, "overrides": {},
-        "P": at_r.precision, "R": at_r.recall, "F1": at_r.f1, "AP": at_r.ap,
-        "P_r2": at_r2.precision, "R_r2": at_r2.recall, "F1_r2": at_r2.f1, "AP_r2": at_r2.ap,
-        "AP_every_pick": every.ap, "centre_error_px": at_r.mean_distance, "n_pred": at_r.n_pred,
-        "n_true": at_r.n_true, "train_s": row.train_s, "pick_s_per_mic": row.pick_s / max(1, len(scene.test)),
+        "scene": scene.name, "candidate": candidate, "overrides": {}, **scored(preds, scores, truths, d),
+        "AP_every_pick": picking_metrics(picks.xy, picks.score, truths, 0.5 * d).ap, "train_s": row.train_s,
+        "pick_s_per_mic": row.pick_s / max(1, len(scene.test)),
         "wall_s": wall, "finder": "topaz", "finder_params": row.details.get("settings"),
         "threshold": row.threshold, "validation": {"f1": row.val_f1}, "config": {"topaz": row.details},
     }
@@ -351,16 +351,10 @@ def main(argv=None) -> int:
             work = args.out / scene.name / run_name
             cached = json.loads((work / "result.json").read_text()) if (work / "result.json").is_file() else None
             why = "--fresh" if args.fresh and work.exists() else None
-            if cand == "topaz":
-                if cached is not None and not args.fresh:
-                    rows.append(cached)
-                    print(table(rows[-1:]).splitlines()[-1] + " (cached)", flush=True)
-                else:
-                    rows.append(run_topaz_scene(scene, run_name, args.out, args.threads))
-                    print(table(rows[-1:]).splitlines()[-1], flush=True)
-                continue
             if cached is not None and not args.fresh:
-                why = stale_because(cached, effective_config(scene, candidates[cand], args.threads))
+                # a Topaz run has no crisp-ext config to go stale by
+                why = None if cand == "topaz" else stale_because(
+                    cached, effective_config(scene, candidates[cand], args.threads))
                 if why is None:
                     rows.append(cached)
                     print(table(rows[-1:]).splitlines()[-1] + " (cached)", flush=True)
@@ -373,7 +367,8 @@ def main(argv=None) -> int:
                 work.rename(stale)
                 print(f"  [{scene.name}/{run_name}] recomputing ({why}); the old run is in {stale}", flush=True)
             # else: a run without a result was interrupted, and the pipeline continues it where it stopped
-            rows.append(run_one(scene, run_name, candidates[cand], args.out, args.threads, args.pictures))
+            rows.append(run_topaz_scene(scene, run_name, args.out, args.threads) if cand == "topaz" else
+                        run_one(scene, run_name, candidates[cand], args.out, args.threads, args.pictures))
             print(table(rows[-1:]).splitlines()[-1], flush=True)
     print()
     print(table(rows))

@@ -172,9 +172,8 @@ class _PatchSampler:
         crop = stack[:, r:r + src, c:c + src]
         if src == p:
             return crop
-        zoom = p / src
-        planes = [ndimage.zoom(plane, zoom, order=1, mode="nearest", grid_mode=True) for plane in crop]
-        return np.stack([a[:p, :p] for a in planes])
+        # zoom's output is round(src * p / src) = p px on a side
+        return np.stack([ndimage.zoom(plane, p / src, order=1, mode="nearest", grid_mode=True) for plane in crop])
 
     def epoch(self, rng: np.random.Generator, per_image: int) -> np.ndarray:
         """``(N, 2 + C, P, P)`` patches (image, weight, C targets) in shuffled order."""

@@ -130,6 +130,26 @@ def test_crisp_ext_train_refuses(project, tmp_path, case):
         assert temp_files(out) == []
 
 
+def test_a_blank_micrograph_is_refused_by_name(project, trained, tmp_path):
+    """A constant micrograph (a motion correction that wrote zeros) is no image to pick or to learn from."""
+    import shutil
+
+    from crisp_ext.io.mrc import read_micrograph, write_mrc
+
+    mics = tmp_path / "mics"
+    shutil.copytree(project.mics, mics)
+    blank = mics / f"{NAMES[2]}.mrc"
+    image, ps = read_micrograph(blank)
+    write_mrc(blank, np.zeros_like(image), pixel_size=ps)
+    inputs = snapshot(mics, trained.model)
+    out = tmp_path / "out"
+    rc, stdout, stderr = run_cli(["pick", "--mics", mics, "--model", trained.model, "--out", out, *common(project)])
+    lines = stderr.strip().splitlines()
+    assert rc == 2 and len(lines) == 1 and "Traceback" not in stdout + stderr, stderr
+    assert str(blank) in lines[0] and "blank" in lines[0], lines[0]
+    assert not (out / "particles.star").exists() and snapshot(mics, trained.model) == inputs
+
+
 @pytest.mark.parametrize("values", [("--threshold", "2"), ("--threshold", "nan"), ("--threshold", "-1"),
                                     ("--extract", "-5"), ("--extract", "33"), ("--extract", "100000")])
 def test_crisp_ext_pick_refuses_options_before_picking(project, trained, tmp_path, values):

@@ -13,6 +13,8 @@ Scenes (train / validation / test micrographs):
 - ``sparse_large``: simulated, 64 px particles, ≈ 90 per 1024² micrograph, SNR 0.02; 4 / 2 / 4.
 - ``sparse_elongated``: simulated, 56 px long asymmetric rods (aspect 2, a knob at one end), ≈ 90 per 1024²
   micrograph, SNR 0.015, defocus 1.2-1.8 µm; 4 / 2 / 4.
+- ``crowded_noisy_jitter``: ``crowded_noisy``'s micrographs and left-out particles, every curated pick moved by
+  N(0, 0.1 D) in x and y (hand-clicked centres); scored against the exact centres.
 The simulated scenes train on an incomplete "curated" set (a random 30 % of each training and validation
 micrograph's particles left out, as curation does) and are scored against every particle.
 
@@ -31,6 +33,7 @@ Candidate ``paper`` is ``crisp-ext config --paper`` (for a GPU). Candidate ``top
 GE-binomial with the training picks' count per micrograph, 4 × 250 updates, the best epoch by its held-out AUPRC on
 the validation micrographs, the threshold by their F1; ``compare_topaz.run_topaz``, in its own venv ``.venv-topaz``
 created on first use) on the same micrographs and picks, scored the same way: its picks above that threshold.
+Candidates ``topaz_2``, ``topaz_3`` ... are further Topaz runs (its training is not seeded: each run differs).
 """
 
 from __future__ import annotations
@@ -129,15 +132,20 @@ def apoferritin() -> Scene:
                        (split["split"]["train"], split["split"]["valid"], split["split"]["test"]))
 
 
-def _simulated(name: str, out: Path, n: int, kwargs_for, seed: int, drop: float = 0.3) -> Scene:
+def _simulated(name: str, out: Path, n: int, kwargs_for, seed: int, drop: float = 0.3, jitter: float = 0.0,
+               images_of: str | None = None) -> Scene:
+    """``n`` simulated micrographs (made once, then read from ``out/scenes/<images_of or name>``); the curated picks
+    leave out a random ``drop`` of the particles and, with ``jitter``, are moved by N(0, jitter·D) in x and y (a
+    curator's clicks). The test micrographs are scored against every particle's exact centre."""
     from crisp_ext.simulate import simulate_micrograph
 
-    folder = out / "scenes" / name
+    folder = out / "scenes" / (images_of or name)
     mics, truth, curated = [], {}, {}
     rng = np.random.default_rng(seed)
+    jitter_rng = np.random.default_rng(seed + 1)  # its own stream: the same particles left out as without jitter
     diameter = None
     for i in range(n):
-        mid = f"{name}_{i:02d}"
+        mid = f"{images_of or name}_{i:02d}"
         path = folder / f"{mid}.mrc"
         star = folder / f"{mid}_truth.star"
         if not (path.is_file() and star.is_file()):
@@ -150,6 +158,8 @@ def _simulated(name: str, out: Path, n: int, kwargs_for, seed: int, drop: float 
         truth[mid] = xy
         keep = rng.random(len(xy)) >= drop
         curated[mid] = xy[keep]
+        if jitter:
+            curated[mid] = curated[mid] + jitter_rng.normal(0.0, jitter * diameter, size=curated[mid].shape)
     ids = [m.id for m in mics]
     return Scene(name, mics, truth, ids[:4], ids[4:6], ids[6:], diameter, curated)
 
@@ -161,12 +171,21 @@ def crowded(out: Path) -> Scene:
     return _simulated("crowded", out, 10, kwargs, seed=17)
 
 
+def crowded_noisy_kwargs(i: int) -> dict:
+    return dict(shape=(1024, 1024), n_particles=650, diameter_px=36.0, pixel_size=2.0, snr=0.01,
+                placement="dense", min_separation=0.65, carbon_edge=(i % 3 == 1), ice_blobs=1 + i % 2,
+                defocus_um=0.8 + 0.2 * (i % 4))
+
+
 def crowded_noisy(out: Path) -> Scene:
-    def kwargs(i):
-        return dict(shape=(1024, 1024), n_particles=650, diameter_px=36.0, pixel_size=2.0, snr=0.01,
-                    placement="dense", min_separation=0.65, carbon_edge=(i % 3 == 1), ice_blobs=1 + i % 2,
-                    defocus_um=0.8 + 0.2 * (i % 4))
-    return _simulated("crowded_noisy", out, 10, kwargs, seed=29)
+    return _simulated("crowded_noisy", out, 10, crowded_noisy_kwargs, seed=29)
+
+
+def crowded_noisy_jitter(out: Path) -> Scene:
+    # crowded_noisy's micrographs, curated by a less careful hand: besides the 30 % left out, every pick is off the
+    # particle's centre by N(0, 0.1 D) in x and y (3.6 px here; mean distance 0.125 D), as clicked picks are
+    return _simulated("crowded_noisy_jitter", out, 10, lambda i: crowded_noisy_kwargs(i), seed=29, jitter=0.1,
+                      images_of="crowded_noisy")
 
 
 def sparse_large(out: Path) -> Scene:
@@ -190,7 +209,7 @@ def sparse_elongated(out: Path) -> Scene:
 
 SCENES = {"empiar10017": lambda out: empiar10017(), "apoferritin": lambda out: apoferritin(),
           "crowded": crowded, "crowded_noisy": crowded_noisy, "sparse_large": sparse_large,
-          "sparse_elongated": sparse_elongated}
+          "sparse_elongated": sparse_elongated, "crowded_noisy_jitter": crowded_noisy_jitter}
 
 
 # -- one run -----------------------------------------------------------------------------------------------------------
@@ -298,6 +317,10 @@ def run_topaz_scene(scene: Scene, candidate: str, out: Path, threads: int) -> di
     return report
 
 
+def is_topaz(candidate: str) -> bool:
+    return candidate == "topaz" or candidate.startswith("topaz_")
+
+
 def table(rows: list[dict]) -> str:
     head = ("| scene | candidate | P | R | F1@r | F1@r/2 | AP | centre err px | train s | pick s/mic | finder |\n"
             "|---|---|---|---|---|---|---|---|---|---|---|")
@@ -330,6 +353,9 @@ def main(argv=None) -> int:
     args = ap.parse_args(argv)
     candidates = {k: dict(v) for k, v in CANDIDATES.items()}
     candidates["topaz"] = {}
+    for cand in args.candidates.split(","):
+        if is_topaz(cand):  # topaz_2, topaz_3 ...: more Topaz runs (its training is not seeded, runs differ)
+            candidates[cand] = {}
     for item in args.set:
         name, kv = item.split(":", 1)
         key, value = kv.split("=", 1)
@@ -353,7 +379,7 @@ def main(argv=None) -> int:
             why = "--fresh" if args.fresh and work.exists() else None
             if cached is not None and not args.fresh:
                 # a Topaz run has no crisp-ext config to go stale by
-                why = None if cand == "topaz" else stale_because(
+                why = None if is_topaz(cand) else stale_because(
                     cached, effective_config(scene, candidates[cand], args.threads))
                 if why is None:
                     rows.append(cached)
@@ -367,7 +393,7 @@ def main(argv=None) -> int:
                 work.rename(stale)
                 print(f"  [{scene.name}/{run_name}] recomputing ({why}); the old run is in {stale}", flush=True)
             # else: a run without a result was interrupted, and the pipeline continues it where it stopped
-            rows.append(run_topaz_scene(scene, run_name, args.out, args.threads) if cand == "topaz" else
+            rows.append(run_topaz_scene(scene, run_name, args.out, args.threads) if is_topaz(cand) else
                         run_one(scene, run_name, candidates[cand], args.out, args.threads, args.pictures))
             print(table(rows[-1:]).splitlines()[-1], flush=True)
     print()

@@ -81,6 +81,9 @@ def read_model_info(path: str | Path) -> dict:
     if not path.is_dir():
         raise InputError(f"{path}: model directory not found; give the directory written by training "
                          f"(it holds {', '.join(FILES)})")
+    if not (path / "model.json").exists() and (path / "model" / "model.json").is_file():
+        # the folder given to `crisp-ext train --out` (or a RELION/cryoSPARC job's) rather than its model
+        raise InputError(f"{path}: not a model directory but the output folder of a training; give {path / 'model'}")
     for name in FILES:
         if not (path / name).is_file():
             raise InputError(f"{path}: incomplete model directory, {name} is missing; copy the whole directory or "

@@ -150,6 +150,14 @@ def test_a_blank_micrograph_is_refused_by_name(project, trained, tmp_path):
     assert not (out / "particles.star").exists() and snapshot(mics, trained.model) == inputs
 
 
+def test_the_training_output_folder_given_as_the_model_says_which_folder_to_give(project, trained, tmp_path):
+    rc, stdout, stderr = run_cli(["pick", "--mics", project.mics, "--model", trained.out, "--out", tmp_path / "out",
+                                  *common(project)])
+    lines = stderr.strip().splitlines()
+    assert rc == 2 and len(lines) == 1 and "Traceback" not in stdout + stderr, stderr
+    assert f"give {trained.model}" in lines[0], lines[0]
+
+
 @pytest.mark.parametrize("values", [("--threshold", "2"), ("--threshold", "nan"), ("--threshold", "-1"),
                                     ("--extract", "-5"), ("--extract", "33"), ("--extract", "100000")])
 def test_crisp_ext_pick_refuses_options_before_picking(project, trained, tmp_path, values):

@@ -212,6 +212,21 @@ def learn_edge_margin(items, diameters_w: Sequence[float], wider_than: float) ->
     return used, f"edge margin {used:.2f} diameters: {what}; picks nearer the edge are dropped"
 
 
+FEW_PICKS = 50  # fewer curated picks than this get a warning
+
+
+def training_set_warnings(n_picks: int, train: Sequence[str], val: Sequence[str]) -> list[str]:
+    """What a user should hear about a curated set that trains a weak picker or validates it on its own data."""
+    out = []
+    if n_picks < FEW_PICKS:
+        out.append(f"only {n_picks} curated picks: the picker learns what a particle is from these alone; a few "
+                   f"hundred on several micrographs make a far better one")
+    if set(train) & set(val):
+        out.append("a validation micrograph is also trained on, so the validation figures are optimistic and the "
+                   "threshold may be too strict; give picks on a micrograph that training does not use")
+    return out
+
+
 def choose_split(ids_with_picks: Sequence[str], n_train: int, n_val: int, seed: int,
                  train_ids: Sequence[str] | None = None, val_ids: Sequence[str] | None = None
                  ) -> tuple[list[str], list[str]]:
@@ -265,6 +280,8 @@ def _train(micrographs, by_id, particles: Particles, cfg: PickerConfig, work_dir
     train, val = choose_split(ids_with_picks, cfg.train.n_train, cfg.train.n_val, cfg.train.seed, train_ids, val_ids)
     progress(ProgressEvent("prepare", message=f"training on {len(train)} micrograph(s), validating on {len(val)}; "
                                               f"{len(particles)} picks on {len(ids_with_picks)} micrograph(s)"))
+    for line in training_set_warnings(len(particles), train, val):
+        progress(ProgressEvent("warning", message=line))
     kind, why = resolve_label_kind(cfg.labels.kind, reference, particles.has_poses)
     cfg = cfg.updated({"labels.kind": kind})
     progress(ProgressEvent("prepare", message=f"labels: {why}"))

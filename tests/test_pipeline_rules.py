@@ -13,7 +13,8 @@ from crisp_ext.errors import InputError
 from crisp_ext.io.mrc import write_mrc
 from crisp_ext.centres.base import CentreSet
 from crisp_ext.picking import centre_options
-from crisp_ext.pipeline import _picking_config, check_training_picks, choose_edge_rule, learn_edge_margin, steady_state
+from crisp_ext.pipeline import (_picking_config, check_training_picks, choose_edge_rule, choose_split, learn_edge_margin,
+                               steady_state, training_set_warnings)
 from crisp_ext.types import Micrograph, Particles
 
 
@@ -112,6 +113,16 @@ def test_training_picks_outside_their_micrograph(tmp_path):
     binned = Particles.for_one("m0", [[250, 30], [300, 180], [60, 40]])  # coordinates of a 2x larger micrograph
     with pytest.raises(InputError, match="2 of 3 training picks lie outside.*binning"):
         check_training_picks(mics, binned, cfg)
+
+
+def test_a_weak_curated_set_is_warned_about():
+    train, val = choose_split(["m0"], 16, 6, 0)  # one micrograph with picks serves both roles
+    assert train == val == ["m0"]
+    few, itself = training_set_warnings(6, train, val)
+    assert "only 6 curated picks" in few and "also trained on" in itself
+    train, val = choose_split([f"m{i}" for i in range(8)], 16, 6, 0)
+    assert training_set_warnings(400, train, val) == []
+    assert len(training_set_warnings(400, ["m0", "m1"], ["m1"])) == 1  # the same one given for both
 
 
 def test_steady_state_adds_up_the_workers_rates():

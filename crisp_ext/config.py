@@ -180,8 +180,9 @@ class TrainConfig:
     # alike, so that the network sees particles up to that much larger or smaller than the working diameter (a
     # diameter given a little off, views of different size). 0 = off. 0.2 (benchmarks/accuracy.py, seed 0, test F1
     # at r / r/2, AP; off -> on): EMPIAR-10017 0.891/0.881/0.880 -> 0.891/0.879/0.896, noisy crowded simulation
-    # 0.842/0.783/0.777 -> 0.843/0.782/0.803: ranking only, one seed. The defaults pick as well with a diameter 20 %
-    # off.
+    # 0.842/0.783/0.777 -> 0.843/0.782/0.803 (AP only); but crowded 0.966/0.961 -> 0.962/0.952, sparse elongated
+    # rods 0.954/0.920 -> 0.936/0.903, hand-clicked picks 0.857/0.789 -> 0.838/0.786, EMPIAR-10017 seed 1
+    # 0.894/0.886 -> 0.889/0.877, hence off. The defaults pick as well with a diameter 20 % off.
     scale_augment: float = 0.0
     # Rounds of self-training (crisp_ext.pseudo_labels): confident picks on the training micrographs and on as
     # many unpicked ones become extra positives, then epochs // 3 epochs of fine-tuning per round. One round

@@ -139,13 +139,14 @@ def _simulated(name: str, out: Path, n: int, kwargs_for, seed: int, drop: float 
     curator's clicks). The test micrographs are scored against every particle's exact centre."""
     from crisp_ext.simulate import simulate_micrograph
 
-    folder = out / "scenes" / (images_of or name)
+    stem = images_of or name
+    folder = out / "scenes" / stem
     mics, truth, curated = [], {}, {}
     rng = np.random.default_rng(seed)
     jitter_rng = np.random.default_rng(seed + 1)  # its own stream: the same particles left out as without jitter
     diameter = None
     for i in range(n):
-        mid = f"{images_of or name}_{i:02d}"
+        mid = f"{stem}_{i:02d}"
         path = folder / f"{mid}.mrc"
         star = folder / f"{mid}_truth.star"
         if not (path.is_file() and star.is_file()):
@@ -184,7 +185,7 @@ def crowded_noisy(out: Path) -> Scene:
 def crowded_noisy_jitter(out: Path) -> Scene:
     # crowded_noisy's micrographs, curated by a less careful hand: besides the 30 % left out, every pick is off the
     # particle's centre by N(0, 0.1 D) in x and y (3.6 px here; mean distance 0.125 D), as clicked picks are
-    return _simulated("crowded_noisy_jitter", out, 10, lambda i: crowded_noisy_kwargs(i), seed=29, jitter=0.1,
+    return _simulated("crowded_noisy_jitter", out, 10, crowded_noisy_kwargs, seed=29, jitter=0.1,
                       images_of="crowded_noisy")
 
 
@@ -352,9 +353,8 @@ def main(argv=None) -> int:
                     help="a PNG of the matches for each test micrograph of the runs computed (not of cached ones)")
     args = ap.parse_args(argv)
     candidates = {k: dict(v) for k, v in CANDIDATES.items()}
-    candidates["topaz"] = {}
     for cand in args.candidates.split(","):
-        if is_topaz(cand):  # topaz_2, topaz_3 ...: more Topaz runs (its training is not seeded, runs differ)
+        if is_topaz(cand):  # topaz, and topaz_2, topaz_3 ...: more runs (its training is not seeded, runs differ)
             candidates[cand] = {}
     for item in args.set:
         name, kv = item.split(":", 1)

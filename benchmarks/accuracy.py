@@ -15,6 +15,8 @@ Scenes (train / validation / test micrographs):
   micrograph, SNR 0.015, defocus 1.2-1.8 µm; 4 / 2 / 4.
 - ``crowded_noisy_jitter``: ``crowded_noisy``'s micrographs and left-out particles, every curated pick moved by
   N(0, 0.1 D) in x and y (hand-clicked centres); scored against the exact centres.
+- ``sparse_junk``: simulated, 56 px particles, ≈ 90 per 1024² micrograph, SNR 0.02, among 16 objects per
+  micrograph that no curator picks (aggregates of 3-6 overlapping particles, small dark ice crystals); 4 / 2 / 4.
 The simulated scenes train on an incomplete "curated" set (a random 30 % of each training and validation
 micrograph's particles left out, as curation does) and are scored against every particle.
 
@@ -208,9 +210,19 @@ def sparse_elongated(out: Path) -> Scene:
     return _simulated("sparse_elongated", out, 10, kwargs, seed=31)
 
 
+def sparse_junk(out: Path) -> Scene:
+    def kwargs(i):
+        # large sparse particles among objects a curator leaves unpicked, as real micrographs have: 16 per
+        # micrograph, aggregates of 3-6 overlapping particles and small dark ice crystals (in no one's truth)
+        return dict(shape=(1024, 1024), n_particles=90, diameter_px=56.0, pixel_size=2.5, snr=0.02,
+                    placement="sparse", min_separation=1.3, carbon_edge=(i % 4 == 2), ice_blobs=i % 2, junk=16)
+    return _simulated("sparse_junk", out, 10, kwargs, seed=37)
+
+
 SCENES = {"empiar10017": lambda out: empiar10017(), "apoferritin": lambda out: apoferritin(),
           "crowded": crowded, "crowded_noisy": crowded_noisy, "sparse_large": sparse_large,
-          "sparse_elongated": sparse_elongated, "crowded_noisy_jitter": crowded_noisy_jitter}
+          "sparse_elongated": sparse_elongated, "crowded_noisy_jitter": crowded_noisy_jitter,
+          "sparse_junk": sparse_junk}
 
 
 # -- one run -----------------------------------------------------------------------------------------------------------

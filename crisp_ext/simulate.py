@@ -216,6 +216,44 @@ def _contaminants(shape, rng: np.random.Generator, diameter_px: float, carbon_ed
     return extra, excluded
 
 
+def _junk(shape, rng: np.random.Generator, diameter_px: float, n_junk: int, phantom: "Phantom",
+          mask_level: float):
+    """Particle-sized objects a curator leaves unpicked: alternately an aggregate (3-6 particles overlapping,
+    0.3-0.55 D apart) and a small ice crystal (an ellipse 0.4-1.2 D across with a sharp edge, a strong scatterer).
+
+    Returns the aggregates' projected density (protein, imaged like the particles), the crystals' extra density
+    (imaged like the ice blobs) and the region particles are kept out of (each object and half a diameter around).
+    """
+    ny, nx = shape
+    yy, xx = np.mgrid[0:ny, 0:nx].astype(np.float64)
+    protein = np.zeros(shape, dtype=np.float64)
+    extra = np.zeros(shape, dtype=np.float64)
+    excluded = np.zeros(shape, dtype=bool)
+    d = float(diameter_px)
+    for j in range(n_junk):
+        cx, cy = rng.uniform(0.5 * d, nx - 0.5 * d), rng.uniform(0.5 * d, ny - 0.5 * d)
+        if j % 2 == 0:
+            k = int(rng.integers(3, 7))
+            steps = rng.uniform(0.3, 0.55, size=k - 1) * d
+            turns = rng.uniform(0, 2 * np.pi, size=k - 1)
+            pts = np.cumsum(np.c_[steps * np.cos(turns), steps * np.sin(turns)], axis=0)
+            pts = np.vstack([[0.0, 0.0], pts])
+            pts = pts - pts.mean(axis=0) + (cx, cy)
+            dens, _, _ = _render(shape, pts, random_angles(k, rng), phantom, d / 2, mask_level)
+            protein += dens
+            reach = float(np.hypot(*(pts - (cx, cy)).T).max()) + d
+        else:
+            a = rng.uniform(0.2, 0.6) * d
+            b = a * rng.uniform(0.5, 1.0)
+            t = rng.uniform(0, np.pi)
+            u = ((xx - cx) * np.cos(t) + (yy - cy) * np.sin(t)) / a
+            v = (-(xx - cx) * np.sin(t) + (yy - cy) * np.cos(t)) / b
+            extra += 1.0 / (1.0 + np.exp((np.hypot(u, v) - 1.0) * 8.0))
+            reach = a + 0.5 * d
+        excluded |= (xx - cx) ** 2 + (yy - cy) ** 2 < reach ** 2
+    return protein, extra, excluded
+
+
 def simulate_micrograph(
     shape: tuple[int, int] = (1024, 1024),
     *,
@@ -232,6 +270,7 @@ def simulate_micrograph(
     min_separation: float | None = None,
     carbon_edge: bool = False,
     ice_blobs: int = 0,
+    junk: int = 0,
     phantom: Phantom | None = None,
     mask_level: float = 0.1,
     seed: int | None = 0,
@@ -239,7 +278,9 @@ def simulate_micrograph(
     """One synthetic micrograph; see the module docstring for the model and conventions.
 
     ``placement``: ``sparse`` keeps particles at least 1.5 diameters apart, ``dense`` packs them at 1.02 diameters
-    (override with ``min_separation``, in diameters). Particles avoid the carbon film and ice blobs.
+    (override with ``min_separation``, in diameters). Particles avoid the carbon film and ice blobs. ``junk``
+    adds that many objects a curator does not pick (aggregates and small ice crystals; not in ``centres``, drawn
+    from their own random stream so that the rest of the micrograph is the same as without them).
     """
     rng = np.random.default_rng(seed)
     ny, nx = int(shape[0]), int(shape[1])
@@ -248,6 +289,12 @@ def simulate_micrograph(
         raise ValueError(f"placement must be 'sparse' or 'dense', not {placement!r}")
     sep = min_separation if min_separation is not None else (1.5 if placement == "sparse" else 1.02)
     extra, excluded = _contaminants((ny, nx), rng, diameter_px, carbon_edge, ice_blobs)
+    junk_density = None
+    if junk:
+        junk_density, junk_extra, junk_excluded = _junk((ny, nx), np.random.default_rng([seed or 0, 1]),
+                                                        diameter_px, int(junk), phantom, mask_level)
+        extra = extra + junk_extra
+        excluded = excluded | junk_excluded
     want = n_particles
     centres = place_centres((ny, nx), int(want * 1.5) + 8 if excluded.any() else want, diameter_px, rng,
                             min_separation=sep)
@@ -257,6 +304,8 @@ def simulate_micrograph(
     angles = random_angles(len(centres), rng)
     radius = diameter_px / 2.0
     density, mask, instances = _render((ny, nx), centres, angles, phantom, radius, mask_level)
+    if junk_density is not None:
+        density = density + junk_density
     ctf = ctf_2d((ny, nx), pixel_size, defocus_um * 1e4, voltage_kV=voltage_kV, cs_mm=cs_mm,
                  amplitude_contrast=amplitude_contrast, bfactor=bfactor)
     clean = np.fft.irfft2(np.fft.rfft2(density) * ctf, s=(ny, nx))
@@ -283,7 +332,7 @@ def simulate_micrograph(
         diameter_px=float(diameter_px),
         defocus_A=defocus_um * 1e4,
         snr=float(snr),
-        meta={"placement": placement, "carbon_edge": carbon_edge, "ice_blobs": ice_blobs, "seed": seed},
+        meta={"placement": placement, "carbon_edge": carbon_edge, "ice_blobs": ice_blobs, "junk": junk, "seed": seed},
     )
 
 

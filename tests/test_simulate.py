@@ -58,3 +58,21 @@ def test_reproducible():
     a = simulate_micrograph((256, 256), n_particles=20, seed=9)
     b = simulate_micrograph((256, 256), n_particles=20, seed=9)
     assert np.array_equal(a.image, b.image) and np.array_equal(a.centres, b.centres)
+
+
+def test_junk_is_unpicked_and_leaves_the_rest_unchanged():
+    from crisp_ext.simulate import _junk
+
+    plain = simulate_micrograph((512, 512), n_particles=40, diameter_px=24, snr=0.1, seed=4)
+    assert np.array_equal(plain.image, simulate_micrograph((512, 512), n_particles=40, diameter_px=24, snr=0.1,
+                                                           seed=4, junk=0).image)
+    protein, extra, excluded = _junk((512, 512), np.random.default_rng([4, 1]), 24.0, 6, Phantom.globular(), 0.1)
+    assert protein.max() > 0 and extra.max() > 0.9  # aggregates and crystals both drawn
+    strong = (protein > 0.05 * protein.max()) | (extra > 0.05)
+    assert excluded[strong].all()  # the region particles are kept out of covers every object
+    sim = simulate_micrograph((512, 512), n_particles=40, diameter_px=24, snr=0.1, seed=4, junk=6)
+    assert len(sim.centres) == 40
+    ix, iy = sim.centres.round().astype(int).T
+    assert not excluded[iy.clip(0, 511), ix.clip(0, 511)].any()  # no particle centre on a junk object
+    assert sim.mask[strong].mean() < 0.05  # junk is not in the particles' footprint mask
+    assert np.abs(sim.clean - plain.clean).max() > 0

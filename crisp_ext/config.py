@@ -176,6 +176,10 @@ class TrainConfig:
     # micrographs have no carbon, 0.891/0.881/0.880 -> 0.895/0.886/0.873, recall on its carbon micrographs
     # unchanged (0.863 -> 0.867, 0.876 -> 0.883); noisy crowded simulation 0.860/0.797/0.848 -> 0.855/0.791/0.842.
     edge_augment: float = 0.0
+    # Share of training patches made noisier (augmentation): white noise of standard deviation U(0, 1.5) in the
+    # normalised image's units added, then the patch scaled back to its variance, so that particles appear as faint
+    # as on a micrograph of thicker ice or lower dose (down to 0.55 of their contrast); the labels are kept. 0 = off.
+    noise_augment: float = 0.0
     # Magnification augmentation: each training patch is resampled by a factor exp(U(-s, s)), image and labels
     # alike, so that the network sees particles up to that much larger or smaller than the working diameter (a
     # diameter given a little off, views of different size). 0 = off. 0.2 (benchmarks/accuracy.py, seed 0, test F1
@@ -448,6 +452,7 @@ SCHEMA: dict[str, dict[str, Rule]] = {
               "threads": _at_least(1, hint="CPU threads; leave unset for all cores"),
               "monitor": Rule(choices=("iou", "f1", "dice", "ap")), "val_every": _at_least(1), "jitter": _at_least(0),
               "edge_augment": _at_least(0, 1), "scale_augment": _at_least(0, 0.7),
+              "noise_augment": _at_least(0, 1),
               "self_training": _at_least(0, 3)},
     "crf": {"kind": Rule(choices=("none", "standard", "cd")), "solver": Rule(choices=("mf", "fw")),
             "iterations": _at_least(1), "theta_alpha": _positive(), "theta_beta": _positive(),

@@ -140,8 +140,9 @@ class _PatchSampler:
     """Random (augmented) patches; images smaller than a patch are padded with ignored pixels."""
 
     def __init__(self, items: list[LabeledImage], patch: int, augment: bool, jitter: float, edges: float = 0.0,
-                 scale: float = 0.0):
+                 scale: float = 0.0, noise: float = 0.0):
         self.patch = patch
+        self.noise = float(noise)
         self.augment = augment
         self.jitter = float(jitter)
         self.edges = float(edges)
@@ -198,6 +199,11 @@ class _PatchSampler:
                         patch[0] = patch[0] * gain + float(rng.normal(0.0, self.jitter))
                     if self.edges > 0 and rng.random() < self.edges:
                         patch[0] += film_edge(p, rng)
+                    if self.noise > 0 and rng.random() < self.noise:
+                        # fainter particles: white noise of up to 1.5 in the normalised image's units (its noise
+                        # about 1), then back to about its variance (the particles' contrast down to 0.55 of theirs)
+                        extra = rng.uniform(0.0, 1.5)
+                        patch[0] = (patch[0] + rng.normal(0.0, extra, size=patch[0].shape)) / np.sqrt(1 + extra ** 2)
                 out.append(np.ascontiguousarray(patch))
         order = rng.permutation(len(out))
         depth = self.stacks[0].shape[0] if self.stacks else 3
@@ -372,7 +378,7 @@ def train_model(train: list[LabeledImage], val: list[LabeledImage], cfg: PickerC
     multiple = size_multiple(model)
     patch = int(np.ceil(tcfg.patch_size / multiple) * multiple)
     sampler = _PatchSampler(train, patch, bool(tcfg.augment), tcfg.jitter if tcfg.augment else 0.0,
-                            tcfg.edge_augment, tcfg.scale_augment)
+                            tcfg.edge_augment, tcfg.scale_augment, tcfg.noise_augment)
     per_image = max(int(tcfg.patches_per_micrograph), -(-int(tcfg.min_patches_per_epoch) // len(train)))
     n_patches = len(train) * per_image
     steps = int(np.ceil(n_patches / tcfg.batch_size))

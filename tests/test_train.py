@@ -278,3 +278,16 @@ def test_scale_augmentation_magnifies_image_and_labels_together():
     # magnified and shrunk by up to exp(±0.4) = 1.49 / 0.67: diameters from ~13 to ~30 px
     assert scaled_d.min() < 0.8 * diameter and scaled_d.max() > 1.25 * diameter
     assert scaled_d.min() > 0.6 * diameter and scaled_d.max() < 1.6 * diameter
+
+
+def test_noise_augmentation_makes_particles_fainter_and_keeps_the_labels(data):
+    from crisp_ext.train import _PatchSampler
+
+    plain = _PatchSampler(data[:1], 48, augment=True, jitter=0.0)
+    noisy = _PatchSampler(data[:1], 48, augment=True, jitter=0.0, noise=1.0)
+    (a,), (b,) = plain.epoch(np.random.default_rng(0), 1), noisy.epoch(np.random.default_rng(0), 1)
+    np.testing.assert_array_equal(a[1:], b[1:])  # the same patch, cut and turned alike; weight and targets kept
+    # the image keeps its variance but resembles itself less: noise replaced part of it
+    ratio = b[0].std() / a[0].std()
+    corr = np.corrcoef(a[0].ravel(), b[0].ravel())[0, 1]
+    assert 0.5 < ratio < 1.5 and 0.3 < corr < 0.999

@@ -182,7 +182,9 @@ class TrainConfig:
     # 0.5 (benchmarks/accuracy.py, test F1 at r / r/2, seeds 0 and 1): simulated sparse particles among junk, whose
     # test micrographs are fainter than the training ones, 0.908/0.889 -> 0.940/0.928 and 0.928/0.910 ->
     # 0.943/0.934; noisy crowded +0.020/+0.024 and +0.001/+0.007; but EMPIAR-10017 0.891/0.881 -> 0.882/0.873 and
-    # 0.894/0.886 -> 0.887/0.877, hence off. Try it when the micrographs to pick vary in ice thickness.
+    # 0.894/0.886 -> 0.887/0.877, hence off. 0.25 (seed 0): junk scene +0.024/+0.004, noisy crowded +0.015/+0.015,
+    # sparse elongated +0.011/+0.006, four other scenes level, EMPIAR-10017 -0.001/-0.002 (seed 1 -0.004/-0.005).
+    # Try it when the micrographs to pick vary in ice thickness.
     noise_augment: float = 0.0
     # Magnification augmentation: each training patch is resampled by a factor exp(U(-s, s)), image and labels
     # alike, so that the network sees particles up to that much larger or smaller than the working diameter (a

@@ -361,6 +361,9 @@ def main(argv=None) -> int:
                     help="train on the validation micrographs too (they still choose the epoch, finder and "
                          "threshold: an upper bound on what more curated micrographs give). Cached as "
                          "CANDIDATE_trainval.")
+    ap.add_argument("--one-micrograph", action="store_true",
+                    help="curated picks on the first training micrograph only, as a user who picked one micrograph "
+                         "(the pipeline then validates on a held-out strip of it). Cached as CANDIDATE_one.")
     ap.add_argument("--pictures", action="store_true",
                     help="a PNG of the matches for each test micrograph of the runs computed (not of cached ones)")
     args = ap.parse_args(argv)
@@ -383,9 +386,12 @@ def main(argv=None) -> int:
             scene.val = scene.val[: max(1, args.val)]
         if args.train_on_val:
             scene.train = scene.train + scene.val
+        if args.one_micrograph:
+            scene.train, scene.val = scene.train[:1], []
         for cand in args.candidates.split(","):
             run_name = cand if args.val is None else f"{cand}_val{len(scene.val)}"  # its own cache
             run_name += "_trainval" if args.train_on_val else ""
+            run_name += "_one" if args.one_micrograph else ""
             work = args.out / scene.name / run_name
             cached = json.loads((work / "result.json").read_text()) if (work / "result.json").is_file() else None
             why = "--fresh" if args.fresh and work.exists() else None

@@ -363,7 +363,7 @@ def main(argv=None) -> int:
                          "CANDIDATE_trainval.")
     ap.add_argument("--one-micrograph", action="store_true",
                     help="curated picks on the first training micrograph only, as a user who picked one micrograph "
-                         "(the pipeline then validates on a held-out strip of it). Cached as CANDIDATE_one.")
+                         "(the pipeline then trains and validates on it). Cached as CANDIDATE_one.")
     ap.add_argument("--pictures", action="store_true",
                     help="a PNG of the matches for each test micrograph of the runs computed (not of cached ones)")
     args = ap.parse_args(argv)

@@ -215,15 +215,13 @@ def learn_edge_margin(items, diameters_w: Sequence[float], wider_than: float) ->
 FEW_PICKS = 50  # fewer curated picks than this get a warning
 
 
-def training_set_warnings(n_picks: int, train: Sequence[str], val: Sequence[str],
-                          held_out: bool = False) -> list[str]:
-    """What a user should hear about a curated set that trains a weak picker or validates it on its own data
-    (``held_out``: the one micrograph's validation strip is not trained on)."""
+def training_set_warnings(n_picks: int, train: Sequence[str], val: Sequence[str]) -> list[str]:
+    """What a user should hear about a curated set that trains a weak picker or validates it on its own data."""
     out = []
     if n_picks < FEW_PICKS:
         out.append(f"only {n_picks} curated picks: the picker learns what a particle is from these alone; a few "
                    f"hundred on several micrographs make a far better one")
-    if set(train) & set(val) and not held_out:
+    if set(train) & set(val):
         out.append("a validation micrograph is also trained on, so the validation figures are optimistic and the "
                    "threshold may be too strict; give picks on a micrograph that training does not use")
     return out
@@ -282,6 +280,8 @@ def _train(micrographs, by_id, particles: Particles, cfg: PickerConfig, work_dir
     train, val = choose_split(ids_with_picks, cfg.train.n_train, cfg.train.n_val, cfg.train.seed, train_ids, val_ids)
     progress(ProgressEvent("prepare", message=f"training on {len(train)} micrograph(s), validating on {len(val)}; "
                                               f"{len(particles)} picks on {len(ids_with_picks)} micrograph(s)"))
+    for line in training_set_warnings(len(particles), train, val):
+        progress(ProgressEvent("warning", message=line))
     kind, why = resolve_label_kind(cfg.labels.kind, reference, particles.has_poses)
     cfg = cfg.updated({"labels.kind": kind})
     progress(ProgressEvent("prepare", message=f"labels: {why}"))
@@ -306,34 +306,24 @@ def _train(micrographs, by_id, particles: Particles, cfg: PickerConfig, work_dir
         if plot is not None:
             label_info["plot"] = str(plot)
 
-    diam_w = {m: prepared[m][1].scale.length_to_working(micrograph_diameter(by_id[m], cfg)) for m in prepared}
-    cfg = _resolve_edge(cfg, prepared, diam_w, progress)
-    train_items = {m: prepared[m][0] for m in train}
-    val_items = {m: prepared[m][0] for m in val}
-    strip = _held_out_strip(cfg, train, val, prepared, diam_w)
-    if strip is not None:
-        train_items[train[0]], val_items[val[0]] = strip.train, strip.val
-        progress(ProgressEvent("prepare", message=strip.describe()))
-    for line in training_set_warnings(len(particles), train, val, held_out=strip is not None):
-        progress(ProgressEvent("warning", message=line))
-
     t0 = time.perf_counter()
     model_dir = work_dir / "model"
-    result = train_model(list(train_items.values()), list(val_items.values()), cfg, model_dir / "training",
+    result = train_model([prepared[m][0] for m in train], [prepared[m][0] for m in val], cfg, model_dir / "training",
                          progress=progress, should_abort=should_abort)
     timings["train"] = time.perf_counter() - t0
 
     t0 = time.perf_counter()
+    diam_w = {m: prepared[m][1].scale.length_to_working(micrograph_diameter(by_id[m], cfg)) for m in prepared}
     base_cfg = cfg
-    cfg, selection, threshold, vm, val_picks = _select(result.model, cfg, val_items, diam_w, progress)
+    cfg, selection, threshold, vm, val_picks = _select(result.model, cfg, prepared, diam_w, val, progress)
     timings["select"] = time.perf_counter() - t0
     for round_ in range(1, cfg.train.self_training + 1):
         t0 = time.perf_counter()
         result = _self_train(round_, result, base_cfg, cfg, selection, threshold, val_picks, micrographs, by_id,
-                             groups, train_items, val_items, diam_w, loader, model_dir, progress, should_abort)
+                             groups, prepared, diam_w, train, val, loader, model_dir, progress, should_abort)
         timings["train"] += time.perf_counter() - t0
         t0 = time.perf_counter()
-        cfg, selection, threshold, vm, val_picks = _select(result.model, base_cfg, val_items, diam_w, progress)
+        cfg, selection, threshold, vm, val_picks = _select(result.model, base_cfg, prepared, diam_w, val, progress)
         timings["select"] += time.perf_counter() - t0
     if vm.n_true and vm.f1 == 0:
         raise InputError(f"the trained picker finds none of the {vm.n_true} picks on the validation micrographs "
@@ -342,11 +332,8 @@ def _train(micrographs, by_id, particles: Particles, cfg: PickerConfig, work_dir
     validation = {"micrographs": [by_id[m].name for m in val], "picking": vm.as_dict(),
                   "best_epoch": result.best_epoch, "best_metric": result.best_metric,
                   "train_micrographs": [by_id[m].name for m in train],
-                  "pictures": [str(p) for p in _validation_pictures(work_dir, [by_id[m] for m in val], val_items,
+                  "pictures": [str(p) for p in _validation_pictures(work_dir, [by_id[m] for m in val], prepared,
                                                                     val_picks, diam_w, cfg)]}
-    if strip is not None:
-        validation["held_out"] = {"axis": ["rows", "columns"][strip.axis], "from_px": strip.start,
-                                  "gap_px": strip.gap, "scale": "working"}
     diameters_px = [micrograph_diameter(by_id[m], cfg) for m in train]
     pixel_sizes = [prepared[m][1].pixel_size for m in train if prepared[m][1].pixel_size]
     pixel_size = float(np.median(pixel_sizes)) if pixel_sizes else None
@@ -367,19 +354,19 @@ def _train(micrographs, by_id, particles: Particles, cfg: PickerConfig, work_dir
     return result.model, cfg, info, model_dir, validation
 
 
-def _validation_pictures(work_dir: Path, val: Sequence[Micrograph], val_items: dict, val_picks, diam_w: dict,
+def _validation_pictures(work_dir: Path, val: Sequence[Micrograph], prepared: dict, val_picks, diam_w: dict,
                          cfg: PickerConfig) -> list[Path]:
-    """``plots/validation_<name>.png``: the picks on each validation micrograph (or held-out strip) against the
-    user's picks there, matched (green), not among the user's picks (red: particles the curation left out, or false
-    picks) and the user's picks missed (yellow); in working pixels."""
+    """``plots/validation_<name>.png``: the picks on each validation micrograph against the user's picks there,
+    matched (green), not among the user's picks (red: particles the curation left out, or false picks) and the
+    user's picks missed (yellow); in working pixels."""
     from .evaluation import matches_picture
 
     paths = []
     for mic, cs in zip(val, val_picks):
-        item = val_items[mic.id]
+        item = prepared[mic.id][0]
         paths.append(matches_picture(item.image, cs.xy, item.truth_xy, diam_w[mic.id], cfg.centres.match_radius,
                                      work_dir / "plots" / f"validation_{mic.name}.png",
-                                     f"{item.name} (validation): {len(cs.xy)} picks, {len(item.truth_xy)} of yours"))
+                                     f"{mic.name} (validation): {len(cs.xy)} picks, {len(item.truth_xy)} of yours"))
     return paths
 
 
@@ -399,33 +386,21 @@ def _resolve_edge(cfg: PickerConfig, prepared: dict, diam_w: dict, progress) -> 
     return cfg
 
 
-def _held_out_strip(cfg: PickerConfig, train: list[str], val: list[str], prepared: dict, diam_w: dict):
-    """A strip of the one curated micrograph to validate on (:mod:`crisp_ext.holdout`), when that micrograph is
-    both the training and the validation micrograph; else None. ``cfg``: the edge rule resolved."""
-    from .holdout import hold_out_strip
-
-    if len(train) != 1 or train != val:
-        return None
-    m = train[0]
-    options = centre_options(cfg, diam_w[m])
-    band = 0.5 * options["box_px"] if options["edge"] == "drop" else 0.0
-    return hold_out_strip(prepared[m][0], diam_w[m], band)
-
-
-def _select(model, cfg: PickerConfig, val_items: dict, diam_w: dict, progress):
+def _select(model, cfg: PickerConfig, prepared: dict, diam_w: dict, val: list[str], progress):
     """The map, centre finder, its settings and the threshold, chosen on the validation micrographs' predicted
-    maps (``val_items``: id -> labelled micrograph at the working scale; ``cfg`` with the edge rule resolved);
-    returns the config with ``centres.map`` and ``centres.refine`` resolved, the selection, the threshold, the
-    validation metrics at it and the validation picks (a ``CentreSet`` per micrograph)."""
+    maps; returns the config with ``centres.map``, ``centres.edge``, ``centres.edge_margin`` and ``centres.refine``
+    resolved, the selection, the threshold, the validation metrics at it and the validation picks (a ``CentreSet``
+    per micrograph)."""
     from .centres.postprocess import pick_centres
     from .centres.select import select_finder
     from .metrics import picking_metrics
     from .predict import predict_maps
 
     progress(ProgressEvent("select", message="choosing the centre finder on the validation micrographs"))
-    val_channels = [predict_maps(model, it.image, cfg.predict) for it in val_items.values()]
-    val_truth = [it.truth_xy for it in val_items.values()]
-    diameter_w = float(np.median([diam_w[m] for m in val_items]))
+    val_channels = [predict_maps(model, prepared[m][0].image, cfg.predict) for m in val]
+    val_truth = [prepared[m][0].truth_xy for m in val]
+    diameter_w = float(np.median([diam_w[m] for m in val]))
+    cfg = _resolve_edge(cfg, prepared, diam_w, progress)
     finders = ("nms", "trackpy", "morphology") if cfg.centres.finder == "auto" else (cfg.centres.finder,)
     names = ["segmentation", "centre"][: cfg.output_channels()]
     tried = names if cfg.centres.map == "auto" else [cfg.centres.map]
@@ -457,27 +432,26 @@ def _select(model, cfg: PickerConfig, val_items: dict, diam_w: dict, progress):
 
 
 def _self_train(round_: int, result, base_cfg: PickerConfig, cfg: PickerConfig, selection, threshold: float,
-                val_picks, micrographs, by_id, groups, train_items: dict, val_items: dict, diam_w: dict, loader,
-                model_dir: Path, progress, should_abort):
+                val_picks, micrographs, by_id, groups, prepared: dict, diam_w: dict, train: list[str], val: list[str],
+                loader, model_dir: Path, progress, should_abort):
     """One round of self-training (see :mod:`crisp_ext.pseudo_labels`): the picker's confident picks become extra
     positives on the training micrographs and on unpicked micrographs, and the network is fine-tuned from its
     current weights. The validation micrographs keep the user's picks only."""
     from .pseudo_labels import confident_threshold, pseudo_labelled, unpicked_micrographs
     from .train import LabeledImage, train_model
 
-    diameter_w = float(np.median([diam_w[m] for m in val_items]))
-    high = confident_threshold(val_picks, [it.truth_xy for it in val_items.values()],
+    diameter_w = float(np.median([diam_w[m] for m in val]))
+    high = confident_threshold(val_picks, [prepared[m][0].truth_xy for m in val],
                                cfg.centres.match_radius * diameter_w, threshold)
     if high is None:
         progress(ProgressEvent("train", message=f"self-training round {round_} skipped: none of the picker's "
                                                 f"validation picks matches a pick of the user's"))
         return result
-    extra_ids = unpicked_micrographs([m.id for m in micrographs], set(groups), len(train_items),
-                                     cfg.train.seed + round_)
+    extra_ids = unpicked_micrographs([m.id for m in micrographs], set(groups), len(train), cfg.train.seed + round_)
     items, added = [], 0
-    for mid in list(train_items) + extra_ids:
-        if mid in train_items:
-            item = train_items[mid]
+    for mid in list(train) + extra_ids:
+        if mid in prepared:
+            item, wi = prepared[mid]
         else:
             wi = loader(by_id[mid])
             diam_w[mid] = wi.scale.length_to_working(micrograph_diameter(by_id[mid], base_cfg))
@@ -490,11 +464,11 @@ def _self_train(round_: int, result, base_cfg: PickerConfig, cfg: PickerConfig, 
             raise Aborted("aborted while self-training")
     epochs = max(1, base_cfg.train.epochs // 3)
     progress(ProgressEvent("train", message=f"self-training round {round_}: {added} confident picks (score >= "
-                                            f"{high:.3g}) added on {len(train_items)} training and {len(extra_ids)} "
+                                            f"{high:.3g}) added on {len(train)} training and {len(extra_ids)} "
                                             f"unpicked micrograph(s); fine-tuning {epochs} epochs"))
     ft = base_cfg.updated({"train.epochs": epochs, "train.lr": base_cfg.train.lr * 0.3,
                            "train.early_stop_patience": 0})
-    return train_model(items, list(val_items.values()), ft, model_dir / f"training_self{round_}",
+    return train_model(items, [prepared[m][0] for m in val], ft, model_dir / f"training_self{round_}",
                        progress=progress, should_abort=should_abort, initial_state=result.model.state_dict())
 
 

@@ -73,9 +73,9 @@ def _differences(cfg: PickerConfig) -> dict:
 CANDIDATES: dict[str, dict] = {
     "default": {},
     # the defaults before the accuracy work (issue 14): one segmentation channel, picks near the edge dropped,
-    # refinement fixed at 0.25 D, 64 patches per epoch
+    # refinement fixed at 0.25 D, 64 patches per epoch, no noise augmentation
     "before": {"labels.centre_weight": 0.0, "centres.map": "auto", "centres.edge": "drop", "centres.refine": 0.25,
-               "train.min_patches_per_epoch": 64},
+               "train.min_patches_per_epoch": 64, "train.noise_augment": 0.0},
     "edge_auto": {"labels.centre_weight": 0.0, "centres.map": "auto", "centres.edge": "auto"},
     "centre_only": {"labels.centre_weight": 1.0, "centres.map": "centre", "centres.edge": "drop"},
     "centre_auto": {"labels.centre_weight": 1.0, "centres.map": "auto", "centres.edge": "auto"},

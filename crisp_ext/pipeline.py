@@ -224,6 +224,9 @@ def training_set_warnings(n_picks: int, train: Sequence[str], val: Sequence[str]
     if set(train) & set(val):
         out.append("a validation micrograph is also trained on, so the validation figures are optimistic and the "
                    "threshold may be too strict; give picks on a micrograph that training does not use")
+    if len(set(train) | set(val)) == 1:
+        out.append("picks on one micrograph only: on the benchmarks a picker trained on one curated micrograph scores "
+                   "0.02-0.09 lower F1 than one trained on six; pick a few more micrographs if you can")
     return out
 
 

@@ -118,8 +118,8 @@ def test_training_picks_outside_their_micrograph(tmp_path):
 def test_a_weak_curated_set_is_warned_about():
     train, val = choose_split(["m0"], 16, 6, 0)  # one micrograph with picks serves both roles
     assert train == val == ["m0"]
-    few, itself = training_set_warnings(6, train, val)
-    assert "only 6 curated picks" in few and "also trained on" in itself
+    few, itself, one = training_set_warnings(6, train, val)
+    assert "only 6 curated picks" in few and "also trained on" in itself and "one micrograph only" in one
     train, val = choose_split([f"m{i}" for i in range(8)], 16, 6, 0)
     assert training_set_warnings(400, train, val) == []
     assert len(training_set_warnings(400, ["m0", "m1"], ["m1"])) == 1  # the same one given for both

@@ -225,8 +225,9 @@ def training_set_warnings(n_picks: int, train: Sequence[str], val: Sequence[str]
         out.append("a validation micrograph is also trained on, so the validation figures are optimistic and the "
                    "threshold may be too strict; give picks on a micrograph that training does not use")
     if len(set(train) | set(val)) == 1:
-        out.append("picks on one micrograph only: on the benchmarks a picker trained on one curated micrograph scores "
-                   "0.02-0.09 lower F1 than one trained on six; pick a few more micrographs if you can")
+        out.append("picks on one micrograph only: on the benchmarks a picker from one curated micrograph scores "
+                   "0.02-0.09 lower F1 than one from six (four to train, two to validate); pick a few more "
+                   "micrographs if you can")
     return out
 
 

@@ -108,10 +108,38 @@ def check_micrographs(micrographs: Sequence[Micrograph], cfg: PickerConfig,
         check_particle_fits(mic.path, diameter, info.shape)
 
 
+DUPLICATE_PICK = 0.1  # diameters: a training pick this near an earlier one on its micrograph is the same particle
+OVERLAPPING_PICKS = 0.3  # diameters: curated picks a median nearer their neighbour than this mean a wrong diameter
+MIN_SPACED_PICKS = 20  # picks with a neighbour needed before their spacing is judged
+WEAK_VALIDATION_F1 = 0.25  # a trained picker this far from the validation picks gets a warning
+
+
+def _repeats(xy: np.ndarray, radius: float) -> np.ndarray:
+    """Which of these picks (one micrograph's) lie within ``radius`` px of an earlier one that is kept."""
+    from scipy.spatial import cKDTree
+
+    repeat = np.zeros(len(xy), dtype=bool)
+    for i, j in sorted(cKDTree(xy).query_pairs(radius)) if len(xy) > 1 else ():
+        if not repeat[i]:
+            repeat[j] = True
+    return repeat
+
+
+def _spacing(xy: np.ndarray) -> np.ndarray:
+    """Each pick's distance to its nearest other pick (px)."""
+    from scipy.spatial import cKDTree
+
+    return cKDTree(xy).query(xy, k=2)[0][:, 1] if len(xy) > 1 else np.zeros(0)
+
+
 def check_training_picks(micrographs: Sequence[Micrograph], particles: Particles, cfg: PickerConfig,
                          progress: ProgressCallback | None = None) -> Particles:
-    """The picks that lie on their micrograph. Picks outside it are counted and left out with a warning; when
-    most are outside (another binning, a y-flip, a wrong pixel size) or none is left, an :class:`InputError`."""
+    """The picks that lie on their micrograph, each particle once. Picks outside it are counted and left out with
+    a warning; when most are outside (another binning, a y-flip, a wrong pixel size) or none is left, an
+    :class:`InputError`. A pick within 0.1 diameters of an earlier one on its micrograph (a particle listed twice,
+    symmetry-expanded particles) is left out with a warning; picks that lie a median under 0.3 diameters from their
+    nearest neighbour (particles cannot overlap that much: the diameter is too large or in the wrong unit) are an
+    :class:`InputError`."""
     from .io.mrc import read_info
 
     progress = progress or silent
@@ -119,6 +147,7 @@ def check_training_picks(micrographs: Sequence[Micrograph], particles: Particles
     keep = np.ones(len(particles), dtype=bool)
     near_edge = 0
     worst = None  # (how far out, micrograph, x, y, nx, ny)
+    n_repeats, repeated_on, spacing, as_given, diameters = 0, None, [], [], []
     for mid in particles.micrograph_ids():
         mic = by_id[mid]
         ny, nx = mic.shape or read_info(mic.path).shape
@@ -132,9 +161,18 @@ def check_training_picks(micrographs: Sequence[Micrograph], particles: Particles
             if worst is None or out[k] > worst[0]:
                 worst = (float(out[k]), mic.name, float(x[k]), float(y[k]), nx, ny)
         if cfg.particle.diameter_A or cfg.particle.diameter_px:
-            half = 0.5 * cfg.centres.box_fraction * micrograph_diameter(mic.with_(shape=(ny, nx)), cfg)
-            near_edge += int((inside & _near_edge(x, y, (ny, nx), half)).sum())
-    n_out = int((~keep).sum())
+            diameter = micrograph_diameter(mic.with_(shape=(ny, nx)), cfg)
+            check_particle_fits(mic.path, diameter, (ny, nx))  # before judging the picks by that diameter
+            near_edge += int((inside & _near_edge(x, y, (ny, nx), 0.5 * cfg.centres.box_fraction * diameter)).sum())
+            xy = np.column_stack([x, y])[inside]
+            repeat = _repeats(xy, DUPLICATE_PICK * diameter)
+            spacing.append(_spacing(xy[~repeat]) / diameter)  # judged once each particle is there once
+            as_given.append(_spacing(xy[~_repeats(xy, 1.0)]))  # what to tell: the spacing of the picks themselves
+            keep[sel[inside][repeat]] = False
+            if repeat.any():
+                n_repeats, repeated_on = n_repeats + int(repeat.sum()), repeated_on or mic.name
+            diameters.append(diameter)
+    n_out = int((~keep).sum()) - n_repeats
     if n_out:
         where = (f"e.g. ({worst[2]:.0f}, {worst[3]:.0f}) on {worst[1]}, which is {worst[4]}×{worst[5]} px")
         cause = ("coordinates in another binning, y measured from the other edge (--flip-y), or a wrong pixel size "
@@ -144,10 +182,23 @@ def check_training_picks(micrographs: Sequence[Micrograph], particles: Particles
                              f"likely {cause}; fix the coordinates before training")
         progress(ProgressEvent("warning", message=f"{n_out} of {len(particles)} training picks lie outside their "
                                                   f"micrograph ({where}) and are left out; check for {cause}"))
+    if spacing and sum(map(len, spacing)) >= MIN_SPACED_PICKS:
+        median = float(np.median(np.concatenate(spacing)))
+        if median < OVERLAPPING_PICKS:
+            d, given = float(np.median(diameters)), float(np.median(np.concatenate(as_given)))
+            raise InputError(f"the curated picks lie a median {given:.0f} px from their nearest neighbour, "
+                             f"{given / d:.2f} of the particle diameter ({d:.0f} px): particles cannot overlap that "
+                             f"much: the diameter given is too large or in the wrong unit (Å or px), or the picks "
+                             f"list particles more than once; give the particle's own diameter")
+    if n_repeats:
+        progress(ProgressEvent("warning", message=f"{n_repeats} training pick(s) repeat another pick within "
+                                                  f"{DUPLICATE_PICK:g} diameters of it on the same micrograph (e.g. "
+                                                  f"on {repeated_on}: a particle listed twice, or symmetry-expanded "
+                                                  f"particles); each particle is used once"))
     if near_edge:
         progress(ProgressEvent("prepare", message=f"{near_edge} training pick(s) lie within half a box of the "
                                                   f"micrograph edge"))
-    return particles.subset(keep) if n_out else particles
+    return particles.subset(keep) if not keep.all() else particles
 
 
 def _edge_distance(x: np.ndarray, y: np.ndarray, shape: tuple[int, int]) -> np.ndarray:
@@ -229,6 +280,16 @@ def training_set_warnings(n_picks: int, train: Sequence[str], val: Sequence[str]
                    "0.02-0.09 lower F1 than one from six (four to train, two to validate); pick a few more "
                    "micrographs if you can")
     return out
+
+
+def validation_warnings(vm) -> list[str]:
+    """What a user should hear about a trained picker that finds few of the validation micrographs' picks
+    (``vm``: its :class:`~crisp_ext.metrics.PickingMetrics` at the chosen threshold)."""
+    if vm.n_true < MIN_SPACED_PICKS or vm.f1 >= WEAK_VALIDATION_F1:
+        return []
+    return [f"validation F1 is only {vm.f1:.2f} (precision {vm.precision:.2f}, recall {vm.recall:.2f} on "
+            f"{vm.n_true} curated picks): the picker finds few of them; check the particle diameter and its unit, "
+            f"the coordinates and the validation pictures before using its picks"]
 
 
 def choose_split(ids_with_picks: Sequence[str], n_train: int, n_val: int, seed: int,
@@ -333,6 +394,8 @@ def _train(micrographs, by_id, particles: Particles, cfg: PickerConfig, work_dir
         raise InputError(f"the trained picker finds none of the {vm.n_true} picks on the validation micrographs "
                          f"({', '.join(by_id[m].name for m in val)}): validation F1 is 0, so no model is saved; check "
                          f"the particle diameter and its unit, the coordinates, and train longer (train.epochs)")
+    for line in validation_warnings(vm):
+        progress(ProgressEvent("warning", message=line))
     validation = {"micrographs": [by_id[m].name for m in val], "picking": vm.as_dict(),
                   "best_epoch": result.best_epoch, "best_metric": result.best_metric,
                   "train_micrographs": [by_id[m].name for m in train],

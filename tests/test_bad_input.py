@@ -100,6 +100,8 @@ CASES = {
                                                                "_rlnCoordinateY"]),
     "--diameter 1px": (None, ["--diameter", "1px"], 2, ["1 px", "too small"]),
     "--diameter 0.001A": (None, ["--diameter", "0.001A"], 2, ["too small"]),
+    "--diameter 200px (picks ~40 px apart)": (None, ["--diameter", "200px"], 2, ["nearest neighbour",
+                                                                                "diameter given is too large"]),
     "--threads 0": (None, ["--threads", "0"], 2, ["--threads 0", ">= 1"]),
     "--threads -1": (None, ["--threads", "-1"], 2, ["--threads -1", ">= 1"]),
     "--set predict.tile=0": (None, ["--set", "predict.tile=0"], 2, ["predict.tile", ">= 32"]),
@@ -178,6 +180,23 @@ def test_some_training_picks_outside_are_left_out_with_a_warning(project, tmp_pa
     rc, stdout, stderr = run_cli(train(project, tmp_path / "out", picks))
     assert rc == 0, stderr
     assert "1 of " in stdout and "lie outside their micrograph" in stdout and "left out" in stdout
+
+
+def _listed_twice(folder: Path) -> None:  # a particle STAR concatenated with itself (or symmetry-expanded)
+    for f in folder.glob("*.star"):
+        xy = read_coordinates(f).xy
+        write_coordinates(f, np.vstack([xy, xy + 0.5]))
+
+
+def test_training_picks_listed_twice_are_used_once_with_a_warning(project, tmp_path):
+    picks = picks_folder(project, tmp_path / "picks", _listed_twice)
+    rc, stdout, stderr = run_cli(train(project, tmp_path / "out", picks))
+    assert rc == 0, stderr
+    assert "repeat another pick" in stdout and "used once" in stdout
+    info = json.loads((tmp_path / "out" / "model" / "model.json").read_text())
+    n_val = sum(len(read_coordinates(project.picks / f"{m}_manualpick.star"))
+                for m in info["validation"]["micrographs"])
+    assert info["validation"]["picking"]["n_true"] == n_val  # each particle once, not twice
 
 
 def test_config_files_with_syntax_errors_name_the_file(project, tmp_path):

@@ -14,7 +14,7 @@ from crisp_ext.io.mrc import write_mrc
 from crisp_ext.centres.base import CentreSet
 from crisp_ext.picking import centre_options
 from crisp_ext.pipeline import (_picking_config, check_training_picks, choose_edge_rule, choose_split, learn_edge_margin,
-                               steady_state, training_set_warnings)
+                               steady_state, training_set_warnings, validation_warnings)
 from crisp_ext.types import Micrograph, Particles
 
 
@@ -113,6 +113,41 @@ def test_training_picks_outside_their_micrograph(tmp_path):
     binned = Particles.for_one("m0", [[250, 30], [300, 180], [60, 40]])  # coordinates of a 2x larger micrograph
     with pytest.raises(InputError, match="2 of 3 training picks lie outside.*binning"):
         check_training_picks(mics, binned, cfg)
+
+
+def test_training_picks_repeated_are_used_once_and_overlapping_ones_refused(tmp_path):
+    mics = _mics(tmp_path, shape=(400, 400))
+    cfg = PickerConfig().updated({"particle.diameter_px": 20.0})
+    grid = np.stack(np.meshgrid(np.arange(30, 380, 40.0), np.arange(30, 380, 40.0)), -1).reshape(-1, 2)  # 2 D apart
+    events = []
+    assert len(check_training_picks(mics, Particles.for_one("m0", grid), cfg, events.append)) == len(grid)
+    assert not any(e.stage == "warning" for e in events)
+    twice = Particles.concat([Particles.for_one("m0", grid), Particles.for_one("m0", grid + 1.0)])  # 0.07 D off
+    kept = check_training_picks(mics, twice, cfg, events.append)
+    assert len(kept) == len(grid) and np.array_equal(kept.xy, grid)  # the first of each pair
+    assert any("81 training pick(s) repeat another" in e.message and "used once" in e.message for e in events)
+    for diameter, refused in ((60.0, False), (100.0, False), (150.0, True)):  # spacing 0.67, 0.4, 0.27 D
+        strict = cfg.updated({"particle.diameter_px": diameter})
+        if refused:
+            with pytest.raises(InputError, match="median 40 px from their nearest neighbour, 0.27 of the particle "
+                                                 "diameter .150 px.*too large"):
+                check_training_picks(mics, Particles.for_one("m0", grid), strict)
+        else:
+            assert len(check_training_picks(mics, Particles.for_one("m0", grid), strict)) == len(grid)
+    few = Particles.for_one("m0", grid[:10])  # too few picks to judge their spacing
+    assert len(check_training_picks(mics, few, cfg.updated({"particle.diameter_px": 150.0}))) == 10
+
+
+def test_a_picker_that_finds_few_validation_picks_is_warned_about():
+    from crisp_ext.metrics import picking_metrics
+
+    truth = [np.stack([np.arange(10, 410, 20.0), np.full(20, 50.0)], 1)]
+    good = picking_metrics(truth, None, truth, radius=5)
+    assert good.f1 == 1 and validation_warnings(good) == []
+    weak = picking_metrics([truth[0][:2]], None, truth, radius=5)  # 2 of 20 found: F1 0.18
+    (line,) = validation_warnings(weak)
+    assert "validation F1 is only 0.18" in line and "recall 0.10 on 20 curated picks" in line and "diameter" in line
+    assert validation_warnings(picking_metrics([truth[0][:1]], None, [truth[0][:10]], radius=5)) == []  # too few
 
 
 def test_a_weak_curated_set_is_warned_about():

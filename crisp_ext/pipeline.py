@@ -111,7 +111,7 @@ def check_micrographs(micrographs: Sequence[Micrograph], cfg: PickerConfig,
 DUPLICATE_PICK = 0.1  # diameters: a training pick this near an earlier one on its micrograph is the same particle
 OVERLAPPING_PICKS = 0.3  # diameters: curated picks a median nearer their neighbour than this mean a wrong diameter
 MIN_SPACED_PICKS = 20  # picks with a neighbour needed before their spacing is judged
-WEAK_VALIDATION_F1 = 0.25  # a trained picker this far from the validation picks gets a warning
+CHANCE_MARGIN = 0.1  # a picker whose validation F1 beats chance by less than this gets a warning
 
 
 def _repeats(xy: np.ndarray, radius: float) -> np.ndarray:
@@ -282,14 +282,28 @@ def training_set_warnings(n_picks: int, train: Sequence[str], val: Sequence[str]
     return out
 
 
-def validation_warnings(vm) -> list[str]:
-    """What a user should hear about a trained picker that finds few of the validation micrographs' picks
-    (``vm``: its :class:`~crisp_ext.metrics.PickingMetrics` at the chosen threshold)."""
-    if vm.n_true < MIN_SPACED_PICKS or vm.f1 >= WEAK_VALIDATION_F1:
+def chance_f1(picks: Sequence[np.ndarray], shapes: Sequence[tuple[int, int]], truth: Sequence[np.ndarray],
+              radius: float) -> float:
+    """The F1 of picks unrelated to the particles at this density: the picks (x, y) of each map of shape (ny, nx)
+    turned 180° about its centre, against ``truth``. On crowded micrographs picks anywhere match some particle."""
+    from .metrics import picking_metrics
+
+    turned = [np.array([nx - 1, ny - 1], float) - np.asarray(xy, float).reshape(-1, 2)
+              for xy, (ny, nx) in zip(picks, shapes)]
+    return picking_metrics(turned, None, truth, radius).f1
+
+
+def validation_warnings(vm, chance: float) -> list[str]:
+    """What a user should hear about a trained picker that does no better on the validation micrographs than
+    chance: ``vm`` its :class:`~crisp_ext.metrics.PickingMetrics` at the chosen threshold, ``chance`` the F1 of the
+    same picks turned 180° (on crowded micrographs picks anywhere match some particle). Such a picker has not learnt
+    the curated particles: picks y-flipped or in another binning, or a wrong diameter."""
+    if vm.n_true < MIN_SPACED_PICKS or vm.f1 >= chance + CHANCE_MARGIN:
         return []
-    return [f"validation F1 is only {vm.f1:.2f} (precision {vm.precision:.2f}, recall {vm.recall:.2f} on "
-            f"{vm.n_true} curated picks): the picker finds few of them; check the particle diameter and its unit, "
-            f"the coordinates and the validation pictures before using its picks"]
+    return [f"the trained picker does no better on the validation micrographs than chance (F1 {vm.f1:.2f}; its "
+            f"picks turned 180° score {chance:.2f}): it has not learnt the curated particles; check the coordinates "
+            f"(y measured from the other edge, another binning), the particle diameter and its unit, and the "
+            f"validation pictures before using its picks"]
 
 
 def choose_split(ids_with_picks: Sequence[str], n_train: int, n_val: int, seed: int,
@@ -380,7 +394,7 @@ def _train(micrographs, by_id, particles: Particles, cfg: PickerConfig, work_dir
     t0 = time.perf_counter()
     diam_w = {m: prepared[m][1].scale.length_to_working(micrograph_diameter(by_id[m], cfg)) for m in prepared}
     base_cfg = cfg
-    cfg, selection, threshold, vm, val_picks = _select(result.model, cfg, prepared, diam_w, val, progress)
+    cfg, selection, threshold, vm, val_picks, chance = _select(result.model, cfg, prepared, diam_w, val, progress)
     timings["select"] = time.perf_counter() - t0
     for round_ in range(1, cfg.train.self_training + 1):
         t0 = time.perf_counter()
@@ -388,13 +402,14 @@ def _train(micrographs, by_id, particles: Particles, cfg: PickerConfig, work_dir
                              groups, prepared, diam_w, train, val, loader, model_dir, progress, should_abort)
         timings["train"] += time.perf_counter() - t0
         t0 = time.perf_counter()
-        cfg, selection, threshold, vm, val_picks = _select(result.model, base_cfg, prepared, diam_w, val, progress)
+        cfg, selection, threshold, vm, val_picks, chance = _select(result.model, base_cfg, prepared, diam_w, val,
+                                                                   progress)
         timings["select"] += time.perf_counter() - t0
     if vm.n_true and vm.f1 == 0:
         raise InputError(f"the trained picker finds none of the {vm.n_true} picks on the validation micrographs "
                          f"({', '.join(by_id[m].name for m in val)}): validation F1 is 0, so no model is saved; check "
                          f"the particle diameter and its unit, the coordinates, and train longer (train.epochs)")
-    for line in validation_warnings(vm):
+    for line in validation_warnings(vm, chance):
         progress(ProgressEvent("warning", message=line))
     validation = {"micrographs": [by_id[m].name for m in val], "picking": vm.as_dict(),
                   "best_epoch": result.best_epoch, "best_metric": result.best_metric,
@@ -490,12 +505,13 @@ def _select(model, cfg: PickerConfig, prepared: dict, diam_w: dict, val: list[st
     threshold = cfg.centres.threshold if cfg.centres.threshold is not None else selection.threshold
     picks = [pick_centres(c[names.index(chosen)], diameter_w, selection.finder, selection.params, threshold,
                           **options) for c in val_channels]
-    vm = picking_metrics([cs.xy for cs in picks], [cs.score for cs in picks], val_truth,
-                         cfg.centres.match_radius * diameter_w)
+    radius = cfg.centres.match_radius * diameter_w
+    vm = picking_metrics([cs.xy for cs in picks], [cs.score for cs in picks], val_truth, radius)
+    chance = chance_f1([cs.xy for cs in picks], [c.shape[-2:] for c in val_channels], val_truth, radius)
     progress(ProgressEvent("select", message=f"{chosen} map, finder {selection.finder} {selection.params}, threshold "
                                              f"{threshold:.3g}: validation precision {vm.precision:.3f} recall "
-                                             f"{vm.recall:.3f} F1 {vm.f1:.3f}"))
-    return cfg, selection, float(threshold), vm, picks
+                                             f"{vm.recall:.3f} F1 {vm.f1:.3f} (by chance {chance:.3f})"))
+    return cfg, selection, float(threshold), vm, picks, chance
 
 
 def _self_train(round_: int, result, base_cfg: PickerConfig, cfg: PickerConfig, selection, threshold: float,

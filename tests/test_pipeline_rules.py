@@ -13,8 +13,8 @@ from crisp_ext.errors import InputError
 from crisp_ext.io.mrc import write_mrc
 from crisp_ext.centres.base import CentreSet
 from crisp_ext.picking import centre_options
-from crisp_ext.pipeline import (_picking_config, check_training_picks, choose_edge_rule, choose_split, learn_edge_margin,
-                               steady_state, training_set_warnings, validation_warnings)
+from crisp_ext.pipeline import (_picking_config, chance_f1, check_training_picks, choose_edge_rule, choose_split,
+                                learn_edge_margin, steady_state, training_set_warnings, validation_warnings)
 from crisp_ext.types import Micrograph, Particles
 
 
@@ -138,16 +138,28 @@ def test_training_picks_repeated_are_used_once_and_overlapping_ones_refused(tmp_
     assert len(check_training_picks(mics, few, cfg.updated({"particle.diameter_px": 150.0}))) == 10
 
 
-def test_a_picker_that_finds_few_validation_picks_is_warned_about():
+def test_chance_is_what_the_picks_turned_about_the_centre_score():
+    rng = np.random.default_rng(0)
+    sparse = [rng.uniform(20, 380, (20, 2))]  # 20 particles at random on a 400² map: their turns rarely meet one
+    assert chance_f1(sparse, [(400, 400)], sparse, radius=5) < 0.2
+    grid = [np.stack(np.meshgrid(np.arange(10, 400, 20.0), np.arange(10, 300, 20.0)), -1).reshape(-1, 2)]
+    assert chance_f1(grid, [(301, 401)], grid, radius=5) == pytest.approx(1.0)  # the grid is its own turn
+    assert chance_f1([np.zeros((0, 2))], [(300, 400)], grid, radius=5) == 0
+
+
+def test_a_picker_no_better_than_chance_is_warned_about():
     from crisp_ext.metrics import picking_metrics
 
     truth = [np.stack([np.arange(10, 410, 20.0), np.full(20, 50.0)], 1)]
-    good = picking_metrics(truth, None, truth, radius=5)
-    assert good.f1 == 1 and validation_warnings(good) == []
-    weak = picking_metrics([truth[0][:2]], None, truth, radius=5)  # 2 of 20 found: F1 0.18
-    (line,) = validation_warnings(weak)
-    assert "validation F1 is only 0.18" in line and "recall 0.10 on 20 curated picks" in line and "diameter" in line
-    assert validation_warnings(picking_metrics([truth[0][:1]], None, [truth[0][:10]], radius=5)) == []  # too few
+    weak = picking_metrics([truth[0][:6]], None, truth, radius=5)  # 6 of 20: F1 0.46
+    assert validation_warnings(weak, chance=0.05) == []  # far better than chance
+    (line,) = validation_warnings(weak, chance=0.40)  # on a crowded micrograph picks anywhere would do as well
+    assert "no better on the validation micrographs than chance (F1 0.46; its picks turned 180° score 0.40)" in line
+    assert "other edge" in line and "diameter" in line
+    # a curator who picked a tenth of the particles: precision 0.1 is no sign of trouble
+    sparse = picking_metrics([np.vstack([truth[0], truth[0] + [0, 100]] * 5)], None, truth, radius=5)
+    assert sparse.precision == pytest.approx(0.1) and validation_warnings(sparse, chance=0.0) == []
+    assert validation_warnings(picking_metrics([truth[0][:1]], None, [truth[0][:10]], radius=5), chance=0.5) == []
 
 
 def test_a_weak_curated_set_is_warned_about():

@@ -411,7 +411,7 @@ def _train(micrographs, by_id, particles: Particles, cfg: PickerConfig, work_dir
                          f"the particle diameter and its unit, the coordinates, and train longer (train.epochs)")
     for line in validation_warnings(vm, chance):
         progress(ProgressEvent("warning", message=line))
-    validation = {"micrographs": [by_id[m].name for m in val], "picking": vm.as_dict(),
+    validation = {"micrographs": [by_id[m].name for m in val], "picking": vm.as_dict(), "chance_f1": chance,
                   "best_epoch": result.best_epoch, "best_metric": result.best_metric,
                   "train_micrographs": [by_id[m].name for m in train],
                   "pictures": [str(p) for p in _validation_pictures(work_dir, [by_id[m] for m in val], prepared,

@@ -197,6 +197,7 @@ def test_training_picks_listed_twice_are_used_once_with_a_warning(project, tmp_p
     n_val = sum(len(read_coordinates(project.picks / f"{m}_manualpick.star"))
                 for m in info["validation"]["micrographs"])
     assert info["validation"]["picking"]["n_true"] == n_val  # each particle once, not twice
+    assert 0 <= info["validation"]["chance_f1"] < info["validation"]["picking"]["f1"]  # sparse: chance is low
 
 
 def test_config_files_with_syntax_errors_name_the_file(project, tmp_path):

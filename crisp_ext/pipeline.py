@@ -111,6 +111,7 @@ def check_micrographs(micrographs: Sequence[Micrograph], cfg: PickerConfig,
 DUPLICATE_PICK = 0.1  # diameters: a training pick this near an earlier one on its micrograph is the same particle
 OVERLAPPING_PICKS = 0.3  # diameters: curated picks a median nearer their neighbour than this mean a wrong diameter
 MIN_SPACED_PICKS = 20  # picks with a neighbour needed before their spacing is judged
+BINNED_REACH = 0.55  # picks on several micrographs none beyond this fraction of width and height: binned coordinates
 CHANCE_MARGIN = 0.1  # a picker whose validation F1 beats chance by less than this gets a warning
 
 
@@ -139,7 +140,8 @@ def check_training_picks(micrographs: Sequence[Micrograph], particles: Particles
     :class:`InputError`. A pick within 0.1 diameters of an earlier one on its micrograph (a particle listed twice,
     symmetry-expanded particles) is left out with a warning; picks that lie a median under 0.3 diameters from their
     nearest neighbour (particles cannot overlap that much: the diameter is too large or in the wrong unit) are an
-    :class:`InputError`."""
+    :class:`InputError`; picks on several micrographs that all lie in their top-left quarter (coordinates of binned
+    micrographs) get a warning."""
     from .io.mrc import read_info
 
     progress = progress or silent
@@ -148,6 +150,7 @@ def check_training_picks(micrographs: Sequence[Micrograph], particles: Particles
     near_edge = 0
     worst = None  # (how far out, micrograph, x, y, nx, ny)
     n_repeats, repeated_on, spacing, as_given, diameters = 0, None, [], [], []
+    reach = np.zeros(2)  # the farthest any pick lies along x and along y, as a fraction of its micrograph's size
     for mid in particles.micrograph_ids():
         mic = by_id[mid]
         ny, nx = mic.shape or read_info(mic.path).shape
@@ -155,6 +158,8 @@ def check_training_picks(micrographs: Sequence[Micrograph], particles: Particles
         x, y = particles.x[sel], particles.y[sel]
         inside = (x >= 0) & (x <= nx - 1) & (y >= 0) & (y <= ny - 1)
         keep[sel] = inside
+        if inside.any():
+            reach = np.maximum(reach, [x[inside].max() / nx, y[inside].max() / ny])
         if (~inside).any():
             out = np.maximum.reduce([-x, x - (nx - 1), -y, y - (ny - 1)])
             k = int(np.argmax(out))
@@ -195,6 +200,13 @@ def check_training_picks(micrographs: Sequence[Micrograph], particles: Particles
                                                   f"{DUPLICATE_PICK:g} diameters of it on the same micrograph (e.g. "
                                                   f"on {repeated_on}: a particle listed twice, or symmetry-expanded "
                                                   f"particles); each particle is used once"))
+    n_mics = len(particles.micrograph_ids())
+    if n_mics > 1 and keep.sum() >= FEW_PICKS and (reach < BINNED_REACH).all():
+        progress(ProgressEvent("warning", message=f"all {int(keep.sum())} training picks on {n_mics} micrographs "
+                                                  f"lie in their top-left quarter (none beyond {reach[0]:.0%} of the "
+                                                  f"width, {reach[1]:.0%} of the height): likely coordinates of "
+                                                  f"micrographs binned by 2 or more; scale them to these "
+                                                  f"micrographs' pixels"))
     if near_edge:
         progress(ProgressEvent("prepare", message=f"{near_edge} training pick(s) lie within half a box of the "
                                                   f"micrograph edge"))

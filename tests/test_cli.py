@@ -162,7 +162,7 @@ def test_train_writes_a_whole_model_directory(trained):
     assert is_png(model / "training" / "training_curve.png")
     assert (trained.out / "config.toml").is_file()
     assert f"model written to {model}" in trained.stdout
-    assert "validation: precision" in trained.stdout and "AP" in trained.stdout
+    assert "validation: precision" in trained.stdout and "AP" in trained.stdout and "(by chance" in trained.stdout
     # a picture of the picks against the user's on each validation micrograph, named in the model's record
     pictures = info["validation"]["pictures"]
     assert len(pictures) == len(info["validation"]["micrographs"]) >= 1

@@ -134,6 +134,14 @@ def test_training_picks_repeated_are_used_once_and_overlapping_ones_refused(tmp_
                 check_training_picks(mics, Particles.for_one("m0", grid), strict)
         else:
             assert len(check_training_picks(mics, Particles.for_one("m0", grid), strict)) == len(grid)
+    both = Particles.concat([Particles.for_one("m0", grid), Particles.for_one("m1", grid)])
+    events.clear()
+    check_training_picks(mics, both, cfg, events.append)
+    assert not any(e.stage == "warning" for e in events)
+    binned = Particles.concat([Particles.for_one("m0", grid / 2), Particles.for_one("m1", grid / 2)])
+    check_training_picks(mics, binned, cfg.updated({"particle.diameter_px": 10.0}), events.append)
+    assert any("all 162 training picks on 2 micrographs lie in their top-left quarter" in e.message
+               and "binned by 2" in e.message for e in events)
     few = Particles.for_one("m0", grid[:10])  # too few picks to judge their spacing
     assert len(check_training_picks(mics, few, cfg.updated({"particle.diameter_px": 150.0}))) == 10
 

@@ -60,6 +60,8 @@ def _run(args, stack) -> int:
     common.say(args, f"model written to {trained['model_dir']}  ({time.perf_counter() - t0:.0f} s{where_text}); "
                      f"labels: {trained['labels']}")
     if v:
-        common.say(args, f"validation: precision {v['precision']:.3f}  recall {v['recall']:.3f}  F1 {v['f1']:.3f}  "
-                         f"AP {v['ap']:.3f}  (finder {trained['finder']}, threshold {trained['threshold']:.3g})")
+        chance = trained["validation"].get("chance_f1")
+        common.say(args, f"validation: precision {v['precision']:.3f}  recall {v['recall']:.3f}  F1 {v['f1']:.3f}"
+                         f"{f' (by chance {chance:.3f})' if chance is not None else ''}  AP {v['ap']:.3f}  "
+                         f"(finder {trained['finder']}, threshold {trained['threshold']:.3g})")
     return 0

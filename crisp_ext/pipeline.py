@@ -34,11 +34,14 @@ from typing import Callable, Sequence
 import numpy as np
 
 from .config import PickerConfig
+from .edges import choose_edge_rule, learn_edge_margin
 from .errors import Aborted, InputError
 from .footprints import FootprintMaker, ReferenceMask, plot_footprints, resolve_label_kind
+from .input_checks import (chance_f1, check_inputs, check_micrographs, check_training_picks, training_set_warnings,
+                           validation_warnings)
 from .picking import (REFINE_CHOICES, MicrographLoader, centre_options,  # noqa: F401 (re-exported)
                       micrograph_diameter, micrograph_pixel_size, pick_stream)
-from .preprocess import WorkingImage, check_particle_fits
+from .preprocess import WorkingImage
 from .progress import ProgressCallback, ProgressEvent, silent
 from .types import Micrograph, Particles, micrographs_by_id
 
@@ -59,263 +62,6 @@ class PipelineResult:
     config: PickerConfig | None = None  # the picker's config (a loaded model's scale and diameter, unless given)
     plots: list[Path] = field(default_factory=list)  # PNGs written by this run
     skipped: list[str] = field(default_factory=list)  # micrograph ids skipped (already done)
-
-
-# -- input checks ---------------------------------------------------------------------------------------------------
-
-def _check_inputs(micrographs: Sequence[Micrograph], particles: Particles | None, model_dir: Path | None):
-    if not micrographs:
-        raise InputError("no micrographs given; nothing to pick")
-    by_id = micrographs_by_id(micrographs)
-    if particles is not None and len(particles):
-        unknown = [m for m in particles.micrograph_ids() if m not in by_id]
-        if unknown:
-            raise InputError(
-                f"picks refer to micrograph {unknown[0]!r}, which is not among the {len(by_id)} micrographs given "
-                f"({len(unknown)} such micrograph(s)); check that coordinate files match micrograph names")
-        bad = ~(np.isfinite(particles.x) & np.isfinite(particles.y))
-        if bad.any():
-            raise InputError(f"pick {int(np.argmax(bad))} on micrograph {particles.micrograph[bad][0]!r} has a "
-                             f"non-finite coordinate")
-    if model_dir is None and (particles is None or len(particles) == 0):
-        raise InputError("no picks given to train on: give curated particle coordinates, or a trained model "
-                         "directory to pick with")
-    return by_id
-
-
-def check_micrographs(micrographs: Sequence[Micrograph], cfg: PickerConfig,
-                      progress: ProgressCallback | None = None, model_dir: Path | None = None) -> None:
-    """Open every micrograph's header (no pixels read) and check that the particle fits in it, so that a corrupt or
-    mismatched file fails the run in seconds rather than after training. ``model_dir``: the particle size comes
-    from that model (named in the errors)."""
-    from .io.mrc import read_info
-
-    progress = progress or silent
-    progress(ProgressEvent("check", message=f"checking {len(micrographs)} micrograph header(s)"))
-    for mic in micrographs:
-        info = read_info(mic.path)
-        if cfg.particle.diameter_A is None and cfg.particle.diameter_px is None:
-            continue  # the diameter comes from a model directory; checked when it is known
-        # the header just read supplies a missing pixel size (no second open)
-        try:
-            diameter = micrograph_diameter(mic.with_(pixel_size=mic.pixel_size or info.pixel_size), cfg)
-        except InputError:
-            if model_dir is None:
-                raise
-            raise InputError(f"{mic.path}: the model {model_dir} knows its particle as {cfg.particle.diameter_A:g} Å, "
-                             f"but this micrograph has no pixel size; give --pixel-size, or the diameter in pixels of "
-                             f"these micrographs (--diameter NNpx)") from None
-        check_particle_fits(mic.path, diameter, info.shape)
-
-
-DUPLICATE_PICK = 0.1  # diameters: a training pick this near an earlier one on its micrograph is the same particle
-OVERLAPPING_PICKS = 0.3  # diameters: curated picks a median nearer their neighbour than this mean a wrong diameter
-MIN_SPACED_PICKS = 20  # picks with a neighbour needed before their spacing is judged
-BINNED_REACH = 0.55  # picks on several micrographs none beyond this fraction of width and height: binned coordinates
-CHANCE_MARGIN = 0.1  # a picker whose validation F1 beats chance by less than this gets a warning
-
-
-def _repeats(xy: np.ndarray, radius: float) -> np.ndarray:
-    """Which of these picks (one micrograph's) lie within ``radius`` px of an earlier one that is kept."""
-    from scipy.spatial import cKDTree
-
-    repeat = np.zeros(len(xy), dtype=bool)
-    for i, j in sorted(cKDTree(xy).query_pairs(radius)) if len(xy) > 1 else ():
-        if not repeat[i]:
-            repeat[j] = True
-    return repeat
-
-
-def _spacing(xy: np.ndarray) -> np.ndarray:
-    """Each pick's distance to its nearest other pick (px)."""
-    from scipy.spatial import cKDTree
-
-    return cKDTree(xy).query(xy, k=2)[0][:, 1] if len(xy) > 1 else np.zeros(0)
-
-
-def check_training_picks(micrographs: Sequence[Micrograph], particles: Particles, cfg: PickerConfig,
-                         progress: ProgressCallback | None = None) -> Particles:
-    """The picks that lie on their micrograph, each particle once. Picks outside it are counted and left out with
-    a warning; when most are outside (another binning, a y-flip, a wrong pixel size) or none is left, an
-    :class:`InputError`. A pick within 0.1 diameters of an earlier one on its micrograph (a particle listed twice,
-    symmetry-expanded particles) is left out with a warning; picks that lie a median under 0.3 diameters from their
-    nearest neighbour (particles cannot overlap that much: the diameter is too large or in the wrong unit) are an
-    :class:`InputError`; picks on several micrographs that all lie in their top-left quarter (coordinates of binned
-    micrographs) get a warning."""
-    from .io.mrc import read_info
-
-    progress = progress or silent
-    by_id = micrographs_by_id(micrographs)
-    keep = np.ones(len(particles), dtype=bool)
-    near_edge = 0
-    worst = None  # (how far out, micrograph, x, y, nx, ny)
-    n_repeats, repeated_on, spacing, as_given, diameters = 0, None, [], [], []
-    reach = np.zeros(2)  # the farthest any pick lies along x and along y, as a fraction of its micrograph's size
-    for mid in particles.micrograph_ids():
-        mic = by_id[mid]
-        ny, nx = mic.shape or read_info(mic.path).shape
-        sel = np.flatnonzero(particles.micrograph == mid)
-        x, y = particles.x[sel], particles.y[sel]
-        inside = (x >= 0) & (x <= nx - 1) & (y >= 0) & (y <= ny - 1)
-        keep[sel] = inside
-        if inside.any():
-            reach = np.maximum(reach, [x[inside].max() / nx, y[inside].max() / ny])
-        if (~inside).any():
-            out = np.maximum.reduce([-x, x - (nx - 1), -y, y - (ny - 1)])
-            k = int(np.argmax(out))
-            if worst is None or out[k] > worst[0]:
-                worst = (float(out[k]), mic.name, float(x[k]), float(y[k]), nx, ny)
-        if cfg.particle.diameter_A or cfg.particle.diameter_px:
-            diameter = micrograph_diameter(mic.with_(shape=(ny, nx)), cfg)
-            check_particle_fits(mic.path, diameter, (ny, nx))  # before judging the picks by that diameter
-            near_edge += int((inside & _near_edge(x, y, (ny, nx), 0.5 * cfg.centres.box_fraction * diameter)).sum())
-            xy = np.column_stack([x, y])[inside]
-            repeat = _repeats(xy, DUPLICATE_PICK * diameter)
-            spacing.append(_spacing(xy[~repeat]) / diameter)  # judged once each particle is there once
-            as_given.append(_spacing(xy[~_repeats(xy, 1.0)]))  # what to tell: the spacing of the picks themselves
-            keep[sel[inside][repeat]] = False
-            if repeat.any():
-                n_repeats, repeated_on = n_repeats + int(repeat.sum()), repeated_on or mic.name
-            diameters.append(diameter)
-    n_out = int((~keep).sum()) - n_repeats
-    if n_out:
-        where = (f"e.g. ({worst[2]:.0f}, {worst[3]:.0f}) on {worst[1]}, which is {worst[4]}×{worst[5]} px")
-        cause = ("coordinates in another binning, y measured from the other edge (--flip-y), or a wrong pixel size "
-                 "in the particles' STAR")
-        if n_out * 2 > len(particles):  # most (or all) of them
-            raise InputError(f"{n_out} of {len(particles)} training picks lie outside their micrograph ({where}): "
-                             f"likely {cause}; fix the coordinates before training")
-        progress(ProgressEvent("warning", message=f"{n_out} of {len(particles)} training picks lie outside their "
-                                                  f"micrograph ({where}) and are left out; check for {cause}"))
-    if spacing and sum(map(len, spacing)) >= MIN_SPACED_PICKS:
-        median = float(np.median(np.concatenate(spacing)))
-        if median < OVERLAPPING_PICKS:
-            d, given = float(np.median(diameters)), float(np.median(np.concatenate(as_given)))
-            raise InputError(f"the curated picks lie a median {given:.0f} px from their nearest neighbour, "
-                             f"{given / d:.2f} of the particle diameter ({d:.0f} px): particles cannot overlap that "
-                             f"much: the diameter given is too large or in the wrong unit (Å or px), or the picks "
-                             f"list particles more than once; give the particle's own diameter")
-    if n_repeats:
-        progress(ProgressEvent("warning", message=f"{n_repeats} training pick(s) repeat another pick within "
-                                                  f"{DUPLICATE_PICK:g} diameters of it on the same micrograph (e.g. "
-                                                  f"on {repeated_on}: a particle listed twice, or symmetry-expanded "
-                                                  f"particles); each particle is used once"))
-    n_mics = len(particles.micrograph_ids())
-    if n_mics > 1 and keep.sum() >= FEW_PICKS and (reach < BINNED_REACH).all():
-        progress(ProgressEvent("warning", message=f"all {int(keep.sum())} training picks on {n_mics} micrographs "
-                                                  f"lie in their top-left quarter (none beyond {reach[0]:.0%} of the "
-                                                  f"width, {reach[1]:.0%} of the height): likely coordinates of "
-                                                  f"micrographs binned by 2 or more; scale them to these "
-                                                  f"micrographs' pixels"))
-    if near_edge:
-        progress(ProgressEvent("prepare", message=f"{near_edge} training pick(s) lie within half a box of the "
-                                                  f"micrograph edge"))
-    return particles.subset(keep) if not keep.all() else particles
-
-
-def _edge_distance(x: np.ndarray, y: np.ndarray, shape: tuple[int, int]) -> np.ndarray:
-    """Each centre's distance to the nearest edge of a micrograph of ``shape`` (ny, nx)."""
-    ny, nx = shape
-    return np.minimum.reduce([x, y, nx - x, ny - y])
-
-
-def _near_edge(x: np.ndarray, y: np.ndarray, shape: tuple[int, int], half_box: float) -> np.ndarray:
-    """Which centres lie within ``half_box`` of the edge of a micrograph of ``shape`` (ny, nx)."""
-    return _edge_distance(x, y, shape) < half_box
-
-
-def _edge_band(shape: tuple[int, int], width: float) -> float:
-    """The fraction of a micrograph of ``shape`` (ny, nx) that lies within ``width`` of its edge."""
-    ny, nx = shape
-    return 1.0 - max(0.0, nx - 2 * width) * max(0.0, ny - 2 * width) / float(nx * ny)
-
-
-def choose_edge_rule(items, diameters_w: Sequence[float], box_fraction: float) -> tuple[str, str]:
-    """``keep`` when the curated picks (``items``: labelled micrographs at the working scale) include particles within
-    half a box of the edge at least half as often as their density predicts, else ``drop``; and why (a log line)."""
-    seen = expected = 0.0
-    for item, d in zip(items, diameters_w):
-        ny, nx = item.image.shape
-        h = 0.5 * box_fraction * d
-        seen += float(_near_edge(item.truth_xy[:, 0], item.truth_xy[:, 1], (ny, nx), h).sum())
-        expected += _edge_band((ny, nx), h) * len(item.truth_xy)
-    if expected <= 0:
-        return "drop", "edge rule drop (no picks to judge by)"
-    ratio = seen / expected
-    rule = "keep" if ratio >= 0.5 else "drop"
-    return rule, (f"edge rule {rule}: {seen:.0f} curated picks lie within half a box of the edge, {ratio:.0%} of "
-                  f"what their density predicts")
-
-
-EDGE_STRAYS = 0.002  # share of the curated picks nearest the edge set aside when learning the edge margin
-EDGE_MARGIN_STEP = 0.1  # diameters: a margin less than this wider than the edge rule's is the same rule
-EDGE_MARGIN_MAX = 2.0  # diameters: a wider empty band says more about where the curator looked than about the edge
-
-
-def learn_edge_margin(items, diameters_w: Sequence[float], wider_than: float) -> tuple[float, str]:
-    """The margin (in diameters) that the curated picks (``items``: labelled micrographs at the working scale) keep
-    from the micrograph edge, when it is wider than ``wider_than`` and no accident: the distance of the pick nearest
-    the edge once the nearest :data:`EDGE_STRAYS` are set aside, where their density predicts at least 10, and ten
-    times as many picks as lie inside it. Else 0 (nothing beyond the edge rule), also when it is less than
-    :data:`EDGE_MARGIN_STEP` wider (simulated picks, kept whole inside the micrograph, keep 0.5); at most
-    :data:`EDGE_MARGIN_MAX`. And why (a log line)."""
-    dist = [_edge_distance(it.truth_xy[:, 0], it.truth_xy[:, 1], it.image.shape) / d
-            for it, d in zip(items, diameters_w) if len(it.truth_xy)]
-    if not dist:
-        return 0.0, "edge margin: no picks to judge by"
-    e = np.sort(np.concatenate(dist))
-    margin = float(e[int(EDGE_STRAYS * len(e))])
-    seen = int((e < margin).sum())
-    expected = sum(_edge_band(it.image.shape, margin * d) * len(it.truth_xy) for it, d in zip(items, diameters_w))
-    what = (f"the curated picks keep {margin:.2f} diameters from the micrograph edge ({seen} nearer, where their "
-            f"density predicts {expected:.0f})")
-    if margin < wider_than + EDGE_MARGIN_STEP or expected < 10 or seen > 0.1 * expected:
-        return 0.0, f"edge margin: none beyond the edge rule; {what}"
-    used = min(margin, EDGE_MARGIN_MAX)
-    return used, f"edge margin {used:.2f} diameters: {what}; picks nearer the edge are dropped"
-
-
-FEW_PICKS = 50  # fewer curated picks than this get a warning
-
-
-def training_set_warnings(n_picks: int, train: Sequence[str], val: Sequence[str]) -> list[str]:
-    """What a user should hear about a curated set that trains a weak picker or validates it on its own data."""
-    out = []
-    if n_picks < FEW_PICKS:
-        out.append(f"only {n_picks} curated picks: the picker learns what a particle is from these alone; a few "
-                   f"hundred on several micrographs make a far better one")
-    if set(train) & set(val):
-        out.append("a validation micrograph is also trained on, so the validation figures are optimistic and the "
-                   "threshold may be too strict; give picks on a micrograph that training does not use")
-    if len(set(train) | set(val)) == 1:
-        out.append("picks on one micrograph only: on the benchmarks a picker from one curated micrograph scores "
-                   "0.02-0.09 lower F1 than one from six (four to train, two to validate); pick a few more "
-                   "micrographs if you can")
-    return out
-
-
-def chance_f1(picks: Sequence[np.ndarray], shapes: Sequence[tuple[int, int]], truth: Sequence[np.ndarray],
-              radius: float) -> float:
-    """The F1 of picks unrelated to the particles at this density: the picks (x, y) of each map of shape (ny, nx)
-    turned 180° about its centre, against ``truth``. On crowded micrographs picks anywhere match some particle."""
-    from .metrics import picking_metrics
-
-    turned = [np.array([nx - 1, ny - 1], float) - np.asarray(xy, float).reshape(-1, 2)
-              for xy, (ny, nx) in zip(picks, shapes)]
-    return picking_metrics(turned, None, truth, radius).f1
-
-
-def validation_warnings(vm, chance: float) -> list[str]:
-    """What a user should hear about a trained picker that does no better on the validation micrographs than
-    chance: ``vm`` its :class:`~crisp_ext.metrics.PickingMetrics` at the chosen threshold, ``chance`` the F1 of the
-    same picks turned 180° (on crowded micrographs picks anywhere match some particle). Such a picker has not learnt
-    the curated particles: picks y-flipped or in another binning, or a wrong diameter."""
-    if vm.n_true < MIN_SPACED_PICKS or vm.f1 >= chance + CHANCE_MARGIN:
-        return []
-    return [f"the trained picker does no better on the validation micrographs than chance (F1 {vm.f1:.2f}; its "
-            f"picks turned 180° score {chance:.2f}): it has not learnt the curated particles; check the coordinates "
-            f"(y measured from the other edge, another binning), the particle diameter and its unit, and the "
-            f"validation pictures before using its picks"]
 
 
 def choose_split(ids_with_picks: Sequence[str], n_train: int, n_val: int, seed: int,
@@ -606,7 +352,7 @@ def prepare_picker(
     work_dir = Path(work_dir)
     work_dir.mkdir(parents=True, exist_ok=True)
     micrographs = list(micrographs)
-    by_id = _check_inputs(micrographs, particles, model_dir)
+    by_id = check_inputs(micrographs, particles, model_dir)
     timings: dict[str, float] = {}
     validation: dict = {}
     trained = model_dir is None

@@ -8,13 +8,14 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 
-from crisp_ext.config import ConfigError, PickerConfig
-from crisp_ext.errors import InputError
-from crisp_ext.io.mrc import write_mrc
 from crisp_ext.centres.base import CentreSet
+from crisp_ext.config import ConfigError, PickerConfig
+from crisp_ext.edges import choose_edge_rule, learn_edge_margin
+from crisp_ext.errors import InputError
+from crisp_ext.input_checks import chance_f1, check_training_picks, training_set_warnings, validation_warnings
+from crisp_ext.io.mrc import write_mrc
 from crisp_ext.picking import centre_options
-from crisp_ext.pipeline import (_picking_config, chance_f1, check_training_picks, choose_edge_rule, choose_split,
-                                learn_edge_margin, steady_state, training_set_warnings, validation_warnings)
+from crisp_ext.pipeline import _picking_config, choose_split, steady_state
 from crisp_ext.types import Micrograph, Particles
 
 

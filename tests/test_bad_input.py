@@ -363,7 +363,7 @@ def _shift_particles(project, factor: float, offset: float) -> None:
 
 
 @pytest.mark.parametrize("case", ["every pick outside", "--set predict.tta=3", "--set centres.finder=bogus",
-                                  "--diameter 0.001", "--threshold 2", "--j 0"])
+                                  "--diameter 0.001", "--diameter 600", "--threshold 2", "--j 0"])
 def test_crisp_relion_refuses(relion_project, case):
     o = "External/job020/"
     extra: list[str] = []
@@ -383,7 +383,7 @@ def test_crisp_relion_refuses(relion_project, case):
     assert snapshot(relion_project.root / "MotionCorr", relion_project.root / relion_project.parts_star) == before
     expected = {"every pick outside": "outside their micrograph", "--set predict.tta=3": "predict.tta",
                 "--set centres.finder=bogus": "centres.finder", "--diameter 0.001": "too small",
-                "--threshold 2": "threshold", "--j 0": "--j"}[case]
+                "--diameter 600": "diameter given is too large", "--threshold 2": "threshold", "--j 0": "--j"}[case]
     assert expected in lines[0], lines[0]
 
 
@@ -426,7 +426,8 @@ def test_crisp_relion_ctrl_c_is_one_line_and_an_aborted_marker(relion_project, m
 
 # -- crisp-cryosparc offline ---------------------------------------------------------------------------------------------
 
-@pytest.mark.parametrize("case", ["every pick outside", "--set predict.tta=3", "--out under a file"])
+@pytest.mark.parametrize("case", ["every pick outside", "--set predict.tta=3", "--out under a file",
+                                  "--diameter 800A"])
 def test_crisp_cryosparc_offline_refuses(tmp_path, capsys, case):
     from cryosparc_scene import TINY, seed_scene, simulated
     from fakes.cryosparc_server import FakeCryoSPARC
@@ -448,11 +449,12 @@ def test_crisp_cryosparc_offline_refuses(tmp_path, capsys, case):
     if case.startswith("--set"):
         sets += ["--set", case.split()[1]]
     before = {p: p.read_bytes() for p in fake.project_dir.rglob("*") if p.is_file()}
+    diameter = case.split()[1] if case.startswith("--diameter") else "112A"
     rc = cs_main(["offline", "--project-dir", str(fake.project_dir), "--exposures", "J1", "--particles", "J2",
-                  "--diameter", "112A", "--out", str(out), "--quiet", *sets])
+                  "--diameter", diameter, "--out", str(out), "--quiet", *sets])
     err = capsys.readouterr().err.strip().splitlines()
     assert rc == 2 and len(err) == 1, err
     assert {"every pick outside": "outside their micrograph", "--set predict.tta=3": "predict.tta",
-            "--out under a file": "is a file"}[case] in err[0]
+            "--out under a file": "is a file", "--diameter 800A": "diameter given is too large"}[case] in err[0]
     assert {p: p.read_bytes() for p in fake.project_dir.rglob("*") if p.is_file()} == before
     assert not list(tmp_path.rglob("*.csg"))

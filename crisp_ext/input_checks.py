@@ -67,19 +67,18 @@ def check_micrographs(micrographs: Sequence[Micrograph], cfg: PickerConfig,
 
 DUPLICATE_PICK = 0.1  # diameters: a training pick this near an earlier one on its micrograph is the same particle
 OVERLAPPING_PICKS = 0.3  # diameters: curated picks a median nearer their neighbour than this mean a wrong diameter
-MIN_SPACED_PICKS = 20  # picks with a neighbour needed before their spacing is judged
+MIN_PICKS_JUDGED = 20  # picks needed before their spacing, or a picker's validation F1, is judged
 BINNED_REACH = 0.55  # picks on several micrographs none beyond this fraction of width and height: binned coordinates
 CHANCE_MARGIN = 0.1  # a picker whose validation F1 beats chance by less than this gets a warning
 
 
 def _repeats(xy: np.ndarray, radius: float) -> np.ndarray:
-    """Which of these picks (one micrograph's) lie within ``radius`` px of an earlier one that is kept."""
-    from scipy.spatial import cKDTree
+    """Which of these picks (one micrograph's) lie within ``radius`` px of an earlier one that is kept: what
+    de-duplicating them in their own order removes."""
+    from .centres.postprocess import kept_indices
 
-    repeat = np.zeros(len(xy), dtype=bool)
-    for i, j in sorted(cKDTree(xy).query_pairs(radius)) if len(xy) > 1 else ():
-        if not repeat[i]:
-            repeat[j] = True
+    repeat = np.ones(len(xy), dtype=bool)
+    repeat[kept_indices(xy, np.zeros(len(xy)), radius)] = False
     return repeat
 
 
@@ -106,7 +105,7 @@ def check_training_picks(micrographs: Sequence[Micrograph], particles: Particles
     keep = np.ones(len(particles), dtype=bool)
     n_near_edge = 0
     worst = None  # (how far out, micrograph, x, y, nx, ny)
-    n_repeats, repeated_on, spacing, as_given, diameters = 0, None, [], [], []
+    n_repeats, repeated_on, spacing, inside_xy, diameters = 0, None, [], [], []
     reach = np.zeros(2)  # the farthest any pick lies along x and along y, as a fraction of its micrograph's size
     for mid in particles.micrograph_ids():
         mic = by_id[mid]
@@ -129,7 +128,7 @@ def check_training_picks(micrographs: Sequence[Micrograph], particles: Particles
             xy = np.column_stack([x, y])[inside]
             repeat = _repeats(xy, DUPLICATE_PICK * diameter)
             spacing.append(_spacing(xy[~repeat]) / diameter)  # judged once each particle is there once
-            as_given.append(_spacing(xy[~_repeats(xy, 1.0)]))  # what to tell: the spacing of the picks themselves
+            inside_xy.append(xy)
             keep[sel[inside][repeat]] = False
             if repeat.any():
                 n_repeats, repeated_on = n_repeats + int(repeat.sum()), repeated_on or mic.name
@@ -144,10 +143,12 @@ def check_training_picks(micrographs: Sequence[Micrograph], particles: Particles
                              f"likely {cause}; fix the coordinates before training")
         progress(ProgressEvent("warning", message=f"{n_out} of {len(particles)} training picks lie outside their "
                                                   f"micrograph ({where}) and are left out; check for {cause}"))
-    if spacing and sum(map(len, spacing)) >= MIN_SPACED_PICKS:
+    if spacing and sum(map(len, spacing)) >= MIN_PICKS_JUDGED:
         median = float(np.median(np.concatenate(spacing)))
         if median < OVERLAPPING_PICKS:
-            d, given = float(np.median(diameters)), float(np.median(np.concatenate(as_given)))
+            # what to tell: the spacing of the picks themselves (exact repeats once)
+            d = float(np.median(diameters))
+            given = float(np.median(np.concatenate([_spacing(xy[~_repeats(xy, 1.0)]) for xy in inside_xy])))
             raise InputError(f"the curated picks lie a median {given:.0f} px from their nearest neighbour, "
                              f"{given / d:.2f} of the particle diameter ({d:.0f} px): particles cannot overlap that "
                              f"much: the diameter given is too large or in the wrong unit (Å or px), or the picks "
@@ -205,7 +206,7 @@ def validation_warnings(vm, chance: float) -> list[str]:
     chance: ``vm`` its :class:`~crisp_ext.metrics.PickingMetrics` at the chosen threshold, ``chance`` the F1 of the
     same picks turned 180° (on crowded micrographs picks anywhere match some particle). Such a picker has not learnt
     the curated particles: picks y-flipped or in another binning, or a wrong diameter."""
-    if vm.n_true < MIN_SPACED_PICKS or vm.f1 >= chance + CHANCE_MARGIN:
+    if vm.n_true < MIN_PICKS_JUDGED or vm.f1 >= chance + CHANCE_MARGIN:
         return []
     return [f"the trained picker does no better on the validation micrographs than chance (F1 {vm.f1:.2f}; its "
             f"picks turned 180° score {chance:.2f}): it has not learnt the curated particles; check the coordinates "

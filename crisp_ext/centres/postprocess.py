@@ -46,10 +46,12 @@ def apply_edge(picks: CentreSet, shape: tuple[int, int], box_px: float, edge: st
 def deduplicate(picks: CentreSet, min_distance_px: float) -> CentreSet:
     """The picks kept when every pick closer than ``min_distance_px`` to a higher-scoring kept pick is removed
     (equal scores: the earlier pick wins), highest score first."""
-    return picks.subset(_kept(picks.xy, picks.score, min_distance_px))
+    return picks.subset(kept_indices(picks.xy, picks.score, min_distance_px))
 
 
-def _kept(xy: np.ndarray, score: np.ndarray, min_distance_px: float) -> np.ndarray:
+def kept_indices(xy: np.ndarray, score: np.ndarray, min_distance_px: float) -> np.ndarray:
+    """Indices of the centres :func:`deduplicate` keeps: none closer than ``min_distance_px`` to a higher-scoring
+    kept one (equal scores: the earlier wins), highest score first."""
     xy = np.asarray(xy, dtype=np.float64).reshape(-1, 2)
     score = np.asarray(score, dtype=np.float64).reshape(-1)
     if min_distance_px <= 0 or len(xy) < 2:
